@@ -26,40 +26,33 @@ class UserError(Exception):
     """An error caused by input the user controls; printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microdit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
-        if "--help" in sys.argv or "-h" in sys.argv:
-            # only import the module whose help is asked for
-            if name in sys.argv:
-                importlib.import_module(module).add_arguments(p)
-        else:
-            p.set_defaults(_lazy=True)
-    return parser
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "usage: microdit COMMAND [options]   (microdit COMMAND --help for its options)\n\ncommands:\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS and not ({"-h", "--help"} & set(argv)):
-        name = argv[0]
-        module = importlib.import_module(COMMANDS[name][0])
-        p = argparse.ArgumentParser(prog=f"microdit {name}", description=COMMANDS[name][1])
-        module.add_arguments(p)
-        args = p.parse_args(argv[1:])
-        try:
-            return int(module.run(args) or 0)
-        except UserError as e:
-            print(f"microdit {name}: error: {e}", file=sys.stderr)
-            return 2
-        except FileNotFoundError as e:
-            print(f"microdit {name}: error: missing file: {e.filename or e}", file=sys.stderr)
-            return 2
-    build_parser().parse_args(argv)
-    return 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help())
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"microdit: unknown command '{name}'\n\n{_help()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"microdit {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except UserError as e:
+        print(f"microdit {name}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"microdit {name}: error: missing file: {e.filename or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

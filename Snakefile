@@ -1,0 +1,36 @@
+# microdit: MicroDiT (Sehwag et al. 2024) end to end as one DAG.
+#
+#   snakemake --cores all                    smoke preset, CPU, minutes
+#   snakemake --cores all --config preset=paper --profile slurm
+#
+# All logic lives in the `microdit` package; the rules only name inputs, outputs, resources and one
+# `microdit <command>` call. config.yaml documents every key.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, workflow.basedir)  # so a checkout works before `pip install -e .`
+from microdit.config import ConfigError, resolve
+
+configfile: "config.yaml"
+
+try:
+    _resolved = resolve(dict(config), Path(workflow.basedir) / "workflow")
+except ConfigError as e:
+    raise WorkflowError(f"config error: {e}") from None
+config.clear()
+config.update(_resolved)
+
+ROOT = config["root"]
+RESULTS = config["results"]
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/caption.smk"
+include: "workflow/rules/latents.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        data_targets(),

@@ -1,0 +1,78 @@
+"""Config resolution and schema errors: bad config fails before any job, naming the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from microdit.config import ConfigError, deep_merge, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "workflow"
+
+
+def test_presets_resolve_and_expand_root():
+    smoke = resolve({"preset": "smoke", "root": "elsewhere"}, WORKFLOW)
+    assert smoke["sources"]["shapes_real"]["input"] == "elsewhere/world/shapes_real.parquet"
+    paper = resolve({"preset": "paper"}, WORKFLOW)
+    assert paper["latents"]["resolutions"] == [256, 512]
+    assert {"cc12m", "sa1b", "textcaps", "journeydb", "diffusiondb", "coco"} <= set(paper["sources"])
+
+
+def test_user_keys_override_preset_and_null_drops_a_source():
+    cfg = resolve({"download": {"threads": 7}, "sources": {"shapes_synth": None}}, WORKFLOW)
+    assert cfg["download"]["threads"] == 7
+    assert cfg["download"]["processes"] == 1  # untouched keys keep the preset value
+    assert "shapes_synth" not in cfg["sources"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"wieght": 1}, "unknown config key 'wieght'"),
+        ({"sources": {"shapes_real": {"weigth": 1}}}, "unknown config key 'sources.shapes_real.weigth'"),
+        ({"sources": {"shapes_real": {"weight": "heavy"}}}, "config key 'sources.shapes_real.weight'"),
+        ({"download": {"threads": 0}}, "config key 'download.threads'"),
+        ({"latents": {"resolutions": [250]}}, "config key 'latents.resolutions.0'"),
+        ({"models": {"roles": {"vae": {"path": "/definitely/not/here"}}}}, "config key 'models.roles.vae.path'"),
+        ({"preset": "huge"}, "config key 'preset'"),
+        ({"sources": {"shapes_real": {"kind": "ftp"}}}, "config key 'sources.shapes_real.kind'"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        resolve(override, WORKFLOW)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_deep_merge_does_not_mutate():
+    base = {"a": {"b": 1, "c": 2}}
+    out = deep_merge(base, {"a": {"b": 3}})
+    assert out == {"a": {"b": 3, "c": 2}} and base == {"a": {"b": 1, "c": 2}}
+
+
+def _snakemake(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "1", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_snakemake_rejects_bad_key_before_any_job(tmp_path):
+    r = _snakemake("-n", "--config", "wieght=1", f"root={tmp_path}/data")
+    assert r.returncode != 0
+    assert "unknown config key 'wieght'" in r.stdout + r.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_paper_preset_dry_run_plans_every_phase(tmp_path):
+    r = _snakemake("-n", "--config", "preset=paper", f"root={tmp_path}/data", f"results={tmp_path}/results")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    for rule in ("models", "download", "caption", "mds", "latents", "funnel"):
+        assert f"rule {rule}:" in out
+    # every paper source is downloaded or reuses a download, and every training source gets latents
+    for source in ("cc12m", "sa1b", "textcaps", "journeydb", "diffusiondb", "coco"):
+        assert f"raw/{source}/_summary.json" in out
+    assert "latents/cc12m_512/_summary.json" in out and "latents/coco/" not in out

@@ -1,0 +1,24 @@
+# Caption phase: LLaVA captions for sources that come without them (SA-1B in the paper).
+
+
+rule caption:
+    input:
+        raw=lambda w: f"{raw_dir(w.source)}/_summary.json",
+        model=model_info("captioner"),
+    output:
+        f"{ROOT}/captions/{{source}}.parquet",
+    params:
+        raw=lambda w: raw_dir(w.source),
+        c=config["caption"],
+    threads: res("caption", "threads")
+    resources:
+        **group_resources("caption"),
+    log:
+        f"{ROOT}/logs/caption/{{source}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/caption/{{source}}.tsv"
+    shell:
+        "microdit caption --raw {params.raw} --out {output} --model {ROOT}/models/captioner"
+        " --prompt {params.c[prompt]:q} --max-new-tokens {params.c[max_new_tokens]}"
+        " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]}"
+        " --device {config[device]} > {log} 2>&1"

@@ -1,0 +1,52 @@
+# Helpers shared by the rule files: which sources exist, where their files live, resources.
+
+SOURCES = sorted(config["sources"])
+TRAIN_SOURCES = [s for s in SOURCES if config["sources"][s]["role"] == "train"]
+EVAL_SOURCES = [s for s in SOURCES if config["sources"][s]["role"] == "eval"]
+# sources with their own download (others reuse one with `raw_from`)
+DOWNLOADED = [s for s in SOURCES if "raw_from" not in config["sources"][s]]
+LLAVA_SOURCES = [s for s in SOURCES if config["sources"][s]["captions"] == "llava"]
+MODEL_ROLES = sorted(config["models"]["roles"])
+IS_SMOKE_WORLD = config["models"]["source"] == "build" and bool(config["world"]["counts"])
+
+wildcard_constraints:
+    source="|".join(SOURCES) or "NO_SOURCE",
+    role="|".join(MODEL_ROLES),
+
+
+def res(group, key):
+    return config["resources"][group][key]
+
+
+def group_resources(group):
+    """Snakemake resources for a rule group; `gpu` is what the Slurm executor maps to --gpus."""
+    r = config["resources"][group]
+    return dict(mem_mb=r["mem_mb"], runtime=r["runtime"], gpu=r["gpu"])
+
+
+def model_info(role):
+    return f"{ROOT}/models/{role}/MODEL_INFO.json"
+
+
+def raw_dir(source):
+    return f"{ROOT}/raw/{config['sources'][source].get('raw_from', source)}"
+
+
+def world_input(source):
+    """A smoke source's URL list comes from the world rule; paper inputs are URLs or user files."""
+    path = config["sources"][source]["input"]
+    return [path] if path.startswith(f"{ROOT}/world/") else []
+
+
+def cli_options(options):
+    """Turn a source's `options` mapping into `--opt key=value` flags (quoted for the shell)."""
+    from shlex import quote
+
+    return " ".join(f"--opt {quote(f'{k}={v}')}" for k, v in sorted(options.items()))
+
+
+def data_targets():
+    targets = [f"{ROOT}/latents/{s}/_summary.json" for s in TRAIN_SOURCES]
+    targets += [f"{ROOT}/mds/{s}/_summary.json" for s in EVAL_SOURCES]
+    targets.append(f"{RESULTS}/data/funnel.json")
+    return targets

@@ -1,0 +1,81 @@
+# Data phase: download every source into webdataset shards, convert to MDS, and the data funnel.
+
+
+rule download:
+    """img2dataset for URL lists; a fetcher of the same output format for archive/hub sources."""
+    input:
+        lambda w: world_input(w.source),
+    output:
+        f"{ROOT}/raw/{{source}}/_summary.json",
+    params:
+        src=lambda w: config["sources"][w.source],
+        opts=lambda w: cli_options(config["sources"][w.source]["options"]),
+        d=config["download"],
+    threads: res("download", "threads")
+    resources:
+        **group_resources("download"),
+    log:
+        f"{ROOT}/logs/download/{{source}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/download/{{source}}.tsv"
+    shell:
+        "microdit download --source {wildcards.source} --kind {params.src[kind]}"
+        " --input {params.src[input]:q} --out {ROOT}/raw/{wildcards.source} {params.opts}"
+        " --image-size {params.d[image_size]} --resize-mode {params.d[resize_mode]}"
+        " --min-image-size {params.d[min_image_size]} --processes {params.d[processes]}"
+        " --threads {params.d[threads]} --timeout {params.d[timeout]} --retries {params.d[retries]}"
+        " --samples-per-shard {params.d[samples_per_shard]} > {log} 2>&1"
+
+
+def mds_inputs(wildcards):
+    src = config["sources"][wildcards.source]
+    inputs = {"raw": f"{raw_dir(wildcards.source)}/_summary.json"}
+    if src["captions"] == "llava":
+        inputs["captions"] = f"{ROOT}/captions/{wildcards.source}.parquet"
+    return inputs
+
+
+rule mds:
+    """Images + chosen captions -> mosaicml-streaming MDS shards (min-size filter, resize)."""
+    input:
+        unpack(mds_inputs),
+    output:
+        f"{ROOT}/mds/{{source}}/_summary.json",
+    params:
+        raw=lambda w: raw_dir(w.source),
+        captions=lambda w, input: f"--captions {input.captions}" if "captions" in input.keys() else "",
+        min_size=lambda w: config["sources"][w.source].get("min_size", config["mds"]["min_size"]),
+        m=config["mds"],
+    threads: res("mds", "threads")
+    resources:
+        **group_resources("mds"),
+    log:
+        f"{ROOT}/logs/mds/{{source}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/mds/{{source}}.tsv"
+    shell:
+        "microdit mds --raw {params.raw} --out {ROOT}/mds/{wildcards.source} {params.captions}"
+        " --min-size {params.min_size} --max-size {params.m[max_size]}"
+        " --image-format {params.m[image_format]} --quality {params.m[quality]} > {log} 2>&1"
+
+
+rule funnel:
+    """Per-source data funnel (URLs -> downloaded -> captioned -> MDS -> latents) for the report."""
+    input:
+        [f"{raw_dir(s)}/_summary.json" for s in SOURCES],
+        [f"{ROOT}/mds/{s}/_summary.json" for s in SOURCES],
+        [f"{ROOT}/captions/{s}.parquet" for s in LLAVA_SOURCES],
+        [f"{ROOT}/latents/{s}/_summary.json" for s in TRAIN_SOURCES],
+    output:
+        f"{RESULTS}/data/funnel.json",
+    params:
+        sources=" ".join(f"--source {s}={config['sources'][s].get('raw_from', s)}" for s in SOURCES),
+    threads: 1
+    resources:
+        **group_resources("report"),
+    log:
+        f"{ROOT}/logs/funnel.log",
+    benchmark:
+        f"{ROOT}/benchmarks/funnel.tsv"
+    shell:
+        "microdit funnel --root {ROOT} {params.sources} --out {output} > {log} 2>&1"

@@ -1,0 +1,34 @@
+# Latents phase: VAE latents at every training resolution + caption embeddings, into MDS shards.
+# With GPUs the rule runs one process per GPU under torchrun; each writes its own shards.
+
+
+def launcher(group):
+    gpus = res(group, "gpu")
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
+    return "microdit"
+
+
+rule latents:
+    input:
+        mds=f"{ROOT}/mds/{{source}}/_summary.json",
+        vae=model_info("vae"),
+        text_encoder=model_info("text_encoder"),
+    output:
+        f"{ROOT}/latents/{{source}}/_summary.json",
+    params:
+        launch=launcher("latents"),
+        resolutions=" ".join(str(r) for r in config["latents"]["resolutions"]),
+        l=config["latents"],
+    threads: res("latents", "threads")
+    resources:
+        **group_resources("latents"),
+    log:
+        f"{ROOT}/logs/latents/{{source}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/latents/{{source}}.tsv"
+    shell:
+        "{params.launch} latents --mds {ROOT}/mds/{wildcards.source} --out {ROOT}/latents/{wildcards.source}"
+        " --vae {ROOT}/models/vae --text-encoder {ROOT}/models/text_encoder"
+        " --resolutions {params.resolutions} --batch-size {params.l[batch_size]}"
+        " --dtype {params.l[dtype]} --device {config[device]} > {log} 2>&1"

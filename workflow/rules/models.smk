@@ -1,0 +1,63 @@
+# Models phase: every model the DAG needs, as HF-format directories under <root>/models/<role>/.
+# Smoke builds tiny ones locally (the VAE trains briefly on the shapes world); paper snapshots hub ids.
+
+
+def models_inputs(wildcards):
+    if config["models"]["source"] != "build":
+        return []
+    # the tiny tokenizer is trained on the world's captions and the tiny VAE on its images
+    return [f"{ROOT}/world/{s}.parquet" for s in TRAIN_SOURCES if world_input(s)]
+
+
+def models_args():
+    m = config["models"]
+    args = [f"--source {m['source']}"]
+    for role, spec in sorted(m["roles"].items()):
+        args.append(f"--id {role}={spec['id']}")
+        if spec["path"]:
+            args.append(f"--local {role}={spec['path']}")
+    b = m["build"]
+    args += [f"--text-dim {b['text_dim']}", f"--vae-steps {b['vae_steps']}",
+             f"--vae-resolution {b['vae_resolution']}", f"--vae-batch-size {b['vae_batch_size']}",
+             f"--seed {config['seed']}"]
+    return " ".join(args)
+
+
+rule world:
+    """Smoke preset: generate the shapes world and its file:// URL lists."""
+    output:
+        expand("{root}/world/{source}.parquet", root=ROOT, source=sorted(config["world"]["counts"])),
+    params:
+        counts=" ".join(f"--count {k}={v}" for k, v in sorted(config["world"]["counts"].items())),
+        w=config["world"],
+    threads: res("world", "threads")
+    resources:
+        **group_resources("world"),
+    log:
+        f"{ROOT}/logs/world.log",
+    benchmark:
+        f"{ROOT}/benchmarks/world.tsv"
+    shell:
+        "microdit world --out {ROOT}/world {params.counts} --image-size {params.w[image_size]}"
+        " --bad-per-source {params.w[bad_per_source]} --small-size {params.w[small_size]}"
+        " --seed {config[seed]} > {log} 2>&1"
+
+
+rule models:
+    """Materialise every model role (tiny local builds, hub snapshots, or local directories)."""
+    input:
+        models_inputs,
+    output:
+        [model_info(role) for role in MODEL_ROLES],
+    params:
+        args=models_args(),
+        captions=lambda w, input: " ".join(f"--captions {p}" for p in input),
+    threads: res("models", "threads")
+    resources:
+        **group_resources("models"),
+    log:
+        f"{ROOT}/logs/models.log",
+    benchmark:
+        f"{ROOT}/benchmarks/models.tsv"
+    shell:
+        "microdit models --out {ROOT}/models {params.args} {params.captions} > {log} 2>&1"
