@@ -5,13 +5,18 @@
 #
 # All logic lives in the `microdit` package; the rules only name inputs, outputs, resources and one
 # `microdit <command>` call. config.yaml documents every key.
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # so a checkout works before `pip install -e .`
 from microdit.config import ConfigError, resolve
 
-configfile: "config.yaml"
+# rules call `microdit`: find the one installed beside the Python that runs Snakemake, even when the
+# virtual environment is not activated (`.venv/bin/snakemake --cores all`)
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+configfile: str(Path(workflow.basedir) / "config.yaml")
 
 try:
     _resolved = resolve(dict(config), Path(workflow.basedir) / "workflow")
