@@ -44,12 +44,14 @@ def edm_denoise(
     cfg: float = 1.0,
     mask_ratio: float = 0.0,
     sigma_data: float = SIGMA_DATA,
+    **model_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """D(x; sigma) and the model's patch mask (None unless masking).
 
     `sigma` is a scalar or one level per sample. With `cfg != 1` the conditional and the
     unconditional (zeroed captions) branches run as one doubled batch and are mixed on the raw
     network output F, before the skip connection, which is where the released model mixes them.
+    `model_kwargs` go to the model as they are.
     """
     sigma = torch.as_tensor(sigma, device=x.device).to(x.dtype).reshape(-1, 1, 1, 1)
     c_skip, c_out, c_in, c_noise = edm_precondition(sigma, sigma_data)
@@ -60,11 +62,11 @@ def edm_denoise(
         if mask_ratio > 0:
             raise ValueError("classifier-free guidance is for sampling; it cannot be combined with masking")
         t2 = t if len(t) == 1 else torch.cat([t, t])
-        out = model(torch.cat([x_in, x_in]), t2, torch.cat([y, torch.zeros_like(y)]), mask_ratio=0.0)
+        out = model(torch.cat([x_in, x_in]), t2, torch.cat([y, torch.zeros_like(y)]), mask_ratio=0.0, **model_kwargs)
         f_cond, f_uncond = out["sample"].chunk(2)
         f_x, mask = f_uncond + cfg * (f_cond - f_uncond), None
     else:
-        out = model(x_in, t, y, mask_ratio=mask_ratio)
+        out = model(x_in, t, y, mask_ratio=mask_ratio, **model_kwargs)
         f_x, mask = out["sample"], out.get("mask")
 
     dev = f_x.device
@@ -119,7 +121,9 @@ def edm_loss(
     """EDM training loss: log-normal sigma, weight (sigma^2 + sd^2) / (sigma sd)^2.
 
     `reduction="mean"` gives the scalar the optimiser sees, "none" the per-sample losses (N,).
-    `generator` seeds sigma and the noise; the patch mask is drawn by the model itself.
+    `generator` seeds sigma and the noise, and, when masking, is handed to the model as
+    `generator=` for its patch mask (MicroDiT accepts it). Without one, every draw comes from
+    the global RNG in the released code's order: sigma, noise, then the model's mask.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -129,7 +133,8 @@ def edm_loss(
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
     noise = _randn(x.shape, generator, x.device) * sigma
 
-    denoised, mask = edm_denoise(model, x + noise, sigma, y, mask_ratio=mask_ratio, sigma_data=sigma_data)
+    mask_kwargs = {"generator": generator} if generator is not None and mask_ratio > 0 else {}
+    denoised, mask = edm_denoise(model, x + noise, sigma, y, mask_ratio=mask_ratio, sigma_data=sigma_data, **mask_kwargs)
     loss = weight * (denoised - x) ** 2  # (N, C, H, W)
 
     if mask_ratio > 0:

@@ -35,7 +35,7 @@ def latent_size_of(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """VAE-space latents (the DiT's scaled space) to images in [0, 1], float32 (N, 3, H, W)."""
-    z = latents / vae.config.scaling_factor
+    z = latents * (1 / vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         z = z + shift
@@ -46,7 +46,7 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Float images in [0, 1] (N, 3, H, W) to RGB PIL images."""
     arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a, mode="RGB") for a in arrays]
+    return [Image.fromarray(a) for a in arrays]
 
 
 @torch.no_grad()
@@ -77,27 +77,26 @@ def generate(
         raise TypeError("generate expects a list of prompts, not a single string")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    device = torch.device(device)
     size = latent_size or latent_size_of(model)
     shape = (vae.config.latent_channels, size, size)
-    was_training = model.training
-    model.eval()
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
 
     images: list[Image.Image] = []
-    batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="generate", disable=None if progress else True):
-        chunk = list(prompts[start : start + batch_size])
-        captions = text_encoder.encode(chunk).to(device)
-        noise = initial_noise(len(chunk), shape, seed, start).to(device)
-        amp = (
-            torch.autocast(device.type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with amp:
-            latents = heun_sample(model, noise, captions, steps=steps, guidance=guidance)
-        images += to_pil(decode_latents(vae, latents))
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=None if progress else True):
+            chunk = list(prompts[start : start + batch_size])
+            captions = text_encoder.encode(chunk).to(device, torch.float32)
+            noise = initial_noise(len(chunk), shape, seed, start).to(device)
+            with amp:
+                latents = heun_sample(model, noise, captions, steps=steps, guidance=guidance)
+            images += to_pil(decode_latents(vae, latents))
+    finally:
+        model.train(was_training)
     return images
 
 
@@ -114,15 +113,20 @@ class Pipeline:
 
 
 def load_pipeline(
-    model: torch.nn.Module,
+    model: str | os.PathLike | torch.nn.Module,
     vae_dir: str | os.PathLike,
     text_encoder_dir: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
-    """Load the frozen VAE and text encoder from HF-format dirs beside an already-built DiT."""
+    """A Pipeline from a MicroDiT directory (save_pretrained format) or a built model, plus the
+    HF-format VAE and text encoder directories. `dtype` applies to the frozen VAE and text encoder."""
     from diffusers import AutoencoderKL
 
+    if not isinstance(model, torch.nn.Module):
+        from microdit.models import MicroDiT
+
+        model = MicroDiT.from_pretrained(model, device=device)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=dtype).to(device).eval()
     text_encoder = TextEncoder.from_pretrained(text_encoder_dir, device=device, dtype=dtype)
-    return Pipeline(model.to(device), vae, text_encoder)
+    return Pipeline(model.to(device).eval(), vae, text_encoder)

@@ -50,7 +50,8 @@ class TextEncoder:
             if not (model_dir / "config.json").is_file():
                 raise FileNotFoundError(f"{root}: no config.json; expected an HF-format text encoder directory")
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        model = CLIPTextModel.from_pretrained(model_dir, torch_dtype=dtype).to(device)
+        # cast after loading: the dtype keyword of from_pretrained changed name across versions
+        model = CLIPTextModel.from_pretrained(model_dir).to(device=device, dtype=dtype)
         return cls(tokenizer, model, max_length=max_length)
 
     @property
