@@ -56,4 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m microdit.cli` / `torchrun -m microdit.cli`: run the imported module's main so that
+    # `microdit.cli.UserError` raised by commands is the class caught here
+    from microdit.cli import main as _main
+
+    sys.exit(_main())

@@ -10,6 +10,8 @@ rule caption:
     params:
         raw=lambda w: raw_dir(w.source),
         c=config["caption"],
+        # LLaVA is not run on images the MDS stage will drop anyway
+        min_size=lambda w: config["sources"][w.source].get("min_size", config["mds"]["min_size"]),
     threads: res("caption", "threads")
     resources:
         **group_resources("caption"),
@@ -20,5 +22,5 @@ rule caption:
     shell:
         "microdit caption --raw {params.raw} --out {output} --model {ROOT}/models/captioner"
         " --prompt {params.c[prompt]:q} --max-new-tokens {params.c[max_new_tokens]}"
-        " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]}"
+        " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]} --min-size {params.min_size}"
         " --device {config[device]} > {log} 2>&1"

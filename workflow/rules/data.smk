@@ -56,7 +56,8 @@ rule mds:
     shell:
         "microdit mds --raw {params.raw} --out {ROOT}/mds/{wildcards.source} {params.captions}"
         " --min-size {params.min_size} --max-size {params.m[max_size]}"
-        " --image-format {params.m[image_format]} --quality {params.m[quality]} > {log} 2>&1"
+        " --image-format {params.m[image_format]} --quality {params.m[quality]} --workers {threads}"
+        " > {log} 2>&1"
 
 
 rule funnel:
