@@ -27,15 +27,25 @@ config.update(_resolved)
 
 ROOT = config["root"]
 RESULTS = config["results"]
+PYTHON = sys.executable
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/caption.smk"
 include: "workflow/rules/latents.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     default_target: True
+    input:
+        f"{RESULTS}/report.html",
+
+
+rule data:
+    """The data half only: every source up to latents (training) or MDS (evaluation) + the funnel."""
     input:
         data_targets(),

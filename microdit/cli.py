@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mds": ("microdit.data.mds", "convert a downloaded source + captions into MDS shards"),
     "latents": ("microdit.data.latents", "precompute VAE latents and caption embeddings into MDS shards"),
     "funnel": ("microdit.data.funnel", "write the per-source data funnel JSON"),
+    "train": ("microdit.train", "run one training stage (resumable, preemptible, torchrun-aware)"),
+    "evaluate": ("microdit.evaluate", "generate evaluation images and compute FID, CLIP score and GenEval"),
+    "cost": ("microdit.cost", "wall time, GPU-hours and dollars per phase and stage, and a full-run projection"),
+    "report": ("microdit.report", "build the self-contained results/report.html"),
 }
 
 

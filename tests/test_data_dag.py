@@ -34,7 +34,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
 def data_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
     (work / "test-config.yaml").write_text(yaml.safe_dump(SMALL))
-    r = snakemake(work)
+    r = snakemake(work, "data")
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     return work
 
@@ -74,6 +74,6 @@ def test_latent_shards_have_the_contract_shapes(data_run):
 
 
 def test_second_run_has_nothing_to_do(data_run):
-    r = snakemake(data_run, "-n")
+    r = snakemake(data_run, "data", "-n")
     assert r.returncode == 0
     assert "Nothing to be done" in r.stdout + r.stderr

@@ -24,6 +24,13 @@ def group_resources(group):
     return dict(mem_mb=r["mem_mb"], runtime=r["runtime"], gpu=r["gpu"])
 
 
+def launcher(group):
+    gpus = res(group, "gpu")
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
+    return "microdit"
+
+
 def model_info(role):
     return f"{ROOT}/models/{role}/MODEL_INFO.json"
 

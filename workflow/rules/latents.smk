@@ -1,12 +1,5 @@
 # Latents phase: VAE latents at every training resolution + caption embeddings, into MDS shards.
-# With GPUs the rule runs one process per GPU under torchrun; each writes its own shards.
-
-
-def launcher(group):
-    gpus = res(group, "gpu")
-    if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
-    return "microdit"
+# With several GPUs the rule runs one process per GPU under torchrun; each writes its own shards.
 
 
 rule latents:

@@ -1,0 +1,65 @@
+# Evaluation phase: FID, CLIP score and GenEval for the untrained model (stage0, the baseline) and
+# the checkpoints named in `evaluate.stages`; the stages with EMA are evaluated from their EMA weights.
+
+EVAL_TAGS = ["stage0"] + [f"stage{s}" for s in sorted(config["evaluate"]["stages"])]
+
+wildcard_constraints:
+    tag="stage[0-4]",
+
+
+def eval_source():
+    if not EVAL_SOURCES:
+        raise WorkflowError("config: evaluation needs a source with `role: eval` (smoke: shapes_eval, paper: coco)")
+    return EVAL_SOURCES[0]
+
+
+def evaluate_inputs(wildcards):
+    inputs = {
+        "eval_mds": f"{ROOT}/mds/{eval_source()}/_summary.json",
+        "models": [model_info(role) for role in ("vae", "text_encoder", "clip", "fid", "detector")],
+    }
+    if wildcards.tag != "stage0":
+        inputs["checkpoint"] = f"{ROOT}/checkpoints/{wildcards.tag}/summary.json"
+    return inputs
+
+
+def evaluate_args(wildcards):
+    e, t = config["evaluate"], config["train"]
+    if wildcards.tag == "stage0":
+        final = t["stages"]["stage4"]
+        what = (f"--untrained --model {t['model']} --resolution {final['resolution']}"
+                f" --caption-channels {t['caption_channels']}")
+    else:
+        ema = t["stages"][wildcards.tag]["ema"]
+        what = f"--checkpoint {ROOT}/checkpoints/{wildcards.tag}/final" + (" --ema" if ema else "")
+    args = [
+        what, f"--eval-mds {ROOT}/mds/{eval_source()}",
+        *(f"--{role.replace('_', '-')} {ROOT}/models/{role}" for role in ("vae", "text_encoder", "clip", "fid", "detector")),
+        f"--geneval-prompts {e['geneval_prompts']}", f"--geneval-per-task {e['geneval_per_task']}",
+        f"--geneval-images-per-prompt {e['geneval_images_per_prompt']}", f"--num-images {e['num_images']}",
+        f"--steps {e['steps']}", f"--guidance {e['guidance']}", f"--seed {config['seed']}",
+        f"--batch-size {e['batch_size']}", f"--cache {ROOT}/eval_cache", f"--device {config['device']}",
+    ]
+    if e["fid_256"]:
+        args.append("--fid-256")
+    return " ".join(args)
+
+
+rule evaluate:
+    input:
+        unpack(evaluate_inputs),
+    output:
+        f"{RESULTS}/eval/{{tag}}/metrics.json",
+    params:
+        launch=launcher("evaluate"),
+        args=evaluate_args,
+    threads: res("evaluate", "threads")
+    resources:
+        **group_resources("evaluate"),
+    log:
+        f"{ROOT}/logs/evaluate/{{tag}}.log",
+    benchmark:
+        f"{ROOT}/benchmarks/evaluate/{{tag}}.tsv"
+    shell:
+        "{params.launch} evaluate --tag {wildcards.tag} {params.args} --out {RESULTS}/eval/{wildcards.tag}"
+        " > {log} 2>&1"

@@ -1,0 +1,70 @@
+# Report phase: the resolved config, the rule graph, cost accounting and results/report.html.
+import json as _json
+
+
+rule resolved_config:
+    """The merged, validated config the run used (rerun whenever any key changes)."""
+    output:
+        f"{RESULTS}/config.json",
+    params:
+        text=_json.dumps(config, sort_keys=True),
+    run:
+        from microdit.io import write_json
+
+        write_json(output[0], _json.loads(params.text))
+
+
+rule dag:
+    """The rule graph in dot format, drawn by the report (no graphviz needed)."""
+    input:
+        f"{RESULTS}/config.json",
+    output:
+        f"{RESULTS}/dag.dot",
+    params:
+        snakefile=workflow.main_snakefile,
+    log:
+        f"{ROOT}/logs/dag.log",
+    shell:
+        "{PYTHON} -m snakemake -s {params.snakefile} --configfile {input} --rulegraph --nolock"
+        " > {output} 2> {log}"
+
+
+rule cost:
+    input:
+        config=f"{RESULTS}/config.json",
+        train=[f"{ROOT}/checkpoints/stage{s}/summary.json" for s in STAGES],
+        evals=[f"{RESULTS}/eval/{tag}/metrics.json" for tag in EVAL_TAGS],
+        funnel=f"{RESULTS}/data/funnel.json",
+    output:
+        f"{RESULTS}/cost.json",
+    params:
+        c=config["cost"],
+    resources:
+        **group_resources("report"),
+    log:
+        f"{ROOT}/logs/cost.log",
+    benchmark:
+        f"{ROOT}/benchmarks/cost.tsv"
+    shell:
+        "microdit cost --root {ROOT} --results {RESULTS} --config {input.config} --out {output}"
+        " --price-per-gpu-hour {params.c[price_per_gpu_hour]} --gpu-type {params.c[gpu_type]:q} > {log} 2>&1"
+
+
+rule report:
+    input:
+        config=f"{RESULTS}/config.json",
+        dag=f"{RESULTS}/dag.dot",
+        cost=f"{RESULTS}/cost.json",
+        funnel=f"{RESULTS}/data/funnel.json",
+        evals=[f"{RESULTS}/eval/{tag}/metrics.json" for tag in EVAL_TAGS],
+    output:
+        f"{RESULTS}/report.html",
+    resources:
+        **group_resources("report"),
+    log:
+        f"{ROOT}/logs/report.log",
+    benchmark:
+        f"{ROOT}/benchmarks/report.tsv"
+    shell:
+        "microdit report --results {RESULTS} --root {ROOT} --config {input.config} --dag {input.dag}"
+        " --out {output} > {log} 2>&1"
