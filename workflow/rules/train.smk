@@ -40,7 +40,7 @@ def train_args(wildcards):
         f"--lr {s['lr']}", f"--schedule {s['schedule']}", f"--warmup {s['warmup']}",
         f"--final-lr-ratio {s['final_lr_ratio']}", f"--p-mean {s['p_mean']}", f"--p-std {s['p_std']}",
         f"--grad-clip {s['grad_clip']}", "--ema" if s["ema"] else "--no-ema",
-        f"--ema-decay {t['ema_decay']}", f"--moe-lr-scale {t['moe_lr_scale']}",
+        f"--ema-decay {t['ema_decay']}", f"--ema-start {s['ema_start']}", f"--moe-lr-scale {t['moe_lr_scale']}",
         f"--ckpt-every {t['ckpt_every']}", f"--keep {t['keep']}", f"--log-every {t['log_every']}",
         f"--seed {config['seed']}", f"--device {config['device']}",
     ]
@@ -48,6 +48,8 @@ def train_args(wildcards):
     args.append("--weights " + " ".join(f"{src}={config['sources'][src]['weight']}" for src in stage_sources(stage)))
     if stage > 1:
         args.append(f"--init {ROOT}/checkpoints/stage{stage - 1}/final")
+        if s["init_optimizer"]:
+            args.append("--init-optimizer")
     if t["compile"]:
         args.append("--compile")
     if t["fsdp"]:
