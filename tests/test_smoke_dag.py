@@ -1,5 +1,6 @@
-"""End to end: the data half of the smoke DAG (world -> models -> download -> caption -> MDS ->
-latents -> funnel) through real Snakemake, img2dataset, LLaVA, MDS and the VAE, in a temp dir."""
+"""End to end: the whole smoke DAG (world -> models -> download -> caption -> MDS -> latents ->
+four training stages -> evaluation -> cost -> report) through real Snakemake, img2dataset, LLaVA,
+MDS, the VAE and the trainer, in a temp dir, on a smaller world and fewer steps than the preset."""
 import json
 import subprocess
 import sys
@@ -19,6 +20,11 @@ SMALL = {
     "models": {"build": {"vae_steps": 30, "vae_batch_size": 8}},
     "download": {"samples_per_shard": 10},
     "caption": {"batch_size": 4, "max_new_tokens": 8},
+    "train": {"ckpt_every": 10, "log_every": 5, "stages": {
+        "stage1": {"steps": 30, "warmup": 5}, "stage2": {"steps": 10},
+        "stage3": {"steps": 20, "warmup": 2}, "stage4": {"steps": 10}}},
+    "evaluate": {"num_images": 16, "steps": 8, "batch_size": 16, "geneval_per_task": 1,
+                 "geneval_images_per_prompt": 2},
 }
 
 
@@ -34,7 +40,7 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
 def data_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
     (work / "test-config.yaml").write_text(yaml.safe_dump(SMALL))
-    r = snakemake(work, "data")
+    r = snakemake(work)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     return work
 
@@ -57,25 +63,71 @@ def test_funnel_counts_every_stage(data_run):
 
 
 def test_latent_shards_have_the_contract_shapes(data_run):
-    from streaming.base.format import reader_from_json  # noqa: F401  (import proves the format module)
     from streaming import StreamingDataset
 
-    summary = json.loads((data_run / "data/latents/shapes_real/_summary.json").read_text())
-    ds = StreamingDataset(local=str(data_run / "data/latents/shapes_real"), remote=None, shuffle=False, batch_size=1)
-    assert len(ds) == summary["encoded"]
+    root = data_run / "data/latents/shapes_real"
+    summary = json.loads((root / "_summary.json").read_text())
+    assert summary["latent_shape"] == {"latents_64": [4, 8, 8], "latents_128": [4, 16, 16]}
+    ds = StreamingDataset(local=str(root), remote=None, shuffle=False, batch_size=1)
+    assert len(ds) == summary["encoded"] == SMALL["world"]["counts"]["shapes_real"]
     sample = ds[0]
-    keys = set(sample)
-    lat64 = [k for k in keys if k.endswith("64") and "latent" in k]
-    lat128 = [k for k in keys if k.endswith("128") and "latent" in k]
-    assert lat64 and lat128, keys
-    assert np.asarray(sample[lat64[0]]).shape == (4, 8, 8)
-    assert np.asarray(sample[lat128[0]]).shape == (4, 16, 16)
-    assert np.asarray(sample[lat128[0]]).dtype == np.float16
-    cap = [k for k in keys if "caption" in k and np.asarray(sample[k]).ndim >= 2]
-    assert cap and np.asarray(sample[cap[0]]).shape[-2:] == (77, 64)
+    # float16 bytes, as the official precompute stores them
+    for column, shape in (("latents_64", (4, 8, 8)), ("latents_128", (4, 16, 16)), ("caption_latents", (77, 64))):
+        array = np.frombuffer(sample[column], dtype=np.float16)
+        assert array.size == int(np.prod(shape)) and np.isfinite(array).all(), column
+    latents = np.frombuffer(sample["latents_128"], dtype=np.float16).astype(np.float32)
+    assert 0.2 < latents.std() < 5  # scaled by the VAE's scaling_factor: roughly unit variance
+    assert sample["caption"] and sample["key"]
+
+
+def test_four_stages_chain_and_resolutions(data_run):
+    summaries = [json.loads((data_run / f"data/checkpoints/stage{n}/summary.json").read_text()) for n in (1, 2, 3, 4)]
+    assert [s["resolution"] for s in summaries] == [64, 64, 128, 128]
+    assert [s["mask_ratio"] for s in summaries] == [0.75, 0.0, 0.75, 0.0]
+    assert [s["ema"] for s in summaries] == [False, False, True, True]
+    for n, s in zip((1, 2, 3, 4), summaries):
+        rows = (data_run / f"data/checkpoints/stage{n}/metrics.jsonl").read_text().splitlines()
+        assert json.loads(rows[-1])["step"] == SMALL["train"]["stages"][f"stage{n}"]["steps"]
+        assert np.isfinite(s["final_loss"])
+        assert (data_run / f"data/checkpoints/stage{n}/samples.png").is_file()
+    from microdit.train import load_trained
+
+    model = load_trained(data_run / "data/checkpoints/stage4/final", ema=True)
+    assert model.config["input_size"] == 16 and model.config["pos_interp_scale"] == 2.0
+
+
+def test_evaluation_cost_and_report(data_run):
+    results = data_run / "results"
+    for tag in ("stage0", "stage2", "stage4"):
+        m = json.loads((results / f"eval/{tag}/metrics.json").read_text())
+        assert m["fid"]["comparable"] is False and np.isfinite(m["fid"]["value"])
+        assert 0 <= m["clip_score"]["value"] <= 100
+        assert set(m["geneval"]["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    cost = json.loads((results / "cost.json").read_text())
+    assert cost["phases"]["training"]["wall_s"] > 0 and cost["paper"]["dollars"] == 1890
+    html = (results / "report.html").read_text()
+    for section in ("summary", "dag", "data", "training", "samples", "evaluation", "cost", "raw"):
+        assert f'id="{section}"' in html
+    assert "http://" not in html and "https://" not in html
+
+
+def test_report_in_a_real_browser(data_run):
+    from browser import find_chromium, load_page  # tests/browser.py
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not on PATH (Debian: apt-get install chromium); browser check skipped")
+    report = data_run / "results/report.html"
+    page = load_page(report, evaluate=("[...document.images].filter(i => i.complete && i.naturalWidth > 0).length",
+                                       "document.images.length"))
+    own = report.resolve().as_uri()
+    assert [u for u in page.requests if u != own and not u.startswith("data:")] == []
+    assert page.failed == [] and page.errors == []
+    shown, total = page.values.values()
+    assert total >= 10 and shown == total  # curves, funnel, grids: every image decodes
+    assert "Not run yet" not in page.dom
 
 
 def test_second_run_has_nothing_to_do(data_run):
-    r = snakemake(data_run, "data", "-n")
+    r = snakemake(data_run, "-n")
     assert r.returncode == 0
     assert "Nothing to be done" in r.stdout + r.stderr
