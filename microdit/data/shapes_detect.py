@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from microdit.data.shapes import PALETTE, SHAPES, relative_position, shape_mask
+from microdit.data.shapes import PALETTE, SHAPES, shape_mask
 
 MIN_AREA_FRACTION = 0.0015  # of the image: ~25 px at 128 px, well below the smallest world object
 _PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)
@@ -90,44 +90,11 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def evaluate_prompt(
     meta: dict, detections: list[dict], threshold: float = 0.3, counting_threshold: float = 0.9
 ) -> tuple[bool, str]:
-    """Score one image against GenEval-style metadata; returns (correct, reasons when wrong).
+    """Score one image's detections against GenEval metadata with GenEval's rules
+    (`microdit.metrics.geneval.judge`, colours from the detector); returns (correct, reasons)."""
+    from microdit.metrics.geneval import Rules, detection_colour, judge
 
-    GenEval's semantics: detections above the confidence threshold (a stricter one for counting)
-    are grouped by class, most confident first; every `include` clause needs `count` of its class,
-    of its colour if given, each standing in `position` to every object matched by the clause it
-    points at; any `exclude` clause met (`count` or more of its class) fails the image.
-    """
-    cut = counting_threshold if meta["tag"] == "counting" else threshold
-    by_shape: dict[str, list[dict]] = {}
-    for d in sorted(detections, key=lambda d: -d["score"]):
-        if d["score"] > cut:
-            by_shape.setdefault(d["shape"], []).append(d)
-
-    correct, reasons, matched = True, [], []
-    for req in meta.get("include", []):
-        found = by_shape.get(req["class"], [])[: req["count"]]
-        ok = len(found) >= req["count"]
-        if not ok:
-            reasons.append(f"expected {req['count']} {req['class']}, found {len(found)}")
-        if ok and "color" in req:
-            n_color = sum(d["color"] == req["color"] for d in found)
-            if n_color < req["count"]:
-                ok = False
-                reasons.append(f"expected {req['count']} {req['color']} {req['class']}, found {n_color}")
-        if ok and "position" in req:
-            relation, target = req["position"]
-            targets = matched[target]
-            if targets is None:
-                ok = False
-                reasons.append(f"no target for {req['class']} to be {relation}")
-            elif any(relation not in relative_position(d["bbox"], t["bbox"]) for d in found for t in targets):
-                ok = False
-                reasons.append(f"expected {req['class']} {relation} {meta['include'][target]['class']}")
-        matched.append(found if ok else None)
-        correct &= ok
-    for req in meta.get("exclude", []):
-        n_found = len(by_shape.get(req["class"], []))
-        if n_found >= req["count"]:
-            correct = False
-            reasons.append(f"expected fewer than {req['count']} {req['class']}, found {n_found}")
+    found = [{"label": d["shape"], "score": d["score"], "bbox": d["bbox"], "color": d["color"]} for d in detections]
+    correct, reasons = judge(meta, found, detection_colour, None,
+                             Rules(threshold=threshold, counting_threshold=counting_threshold))
     return correct, "; ".join(reasons)

@@ -286,29 +286,11 @@ class ClipColour:
 
 # ---------------------------------------------------------------- the rules
 def relative_position(box_a, box_b, margin: float = Rules.position_margin) -> set[str]:
-    """Relations of box A to box B (image y grows downwards), by GenEval's rule.
+    """Relations of box A to box B by GenEval's rule (one implementation, shared with the shapes
+    world, whose captions must be true under the same rule)."""
+    from microdit.data.shapes import relative_position as rule
 
-    The centre offset shrinks by `margin` x (sum of both boxes' sizes) on each axis, towards zero;
-    a relation holds when the shrunken offset on its axis exceeds half the full centre distance.
-    Boxes that overlap a lot are in no relation.
-    """
-    a, b = np.asarray(box_a, dtype=float)[:4], np.asarray(box_b, dtype=float)[:4]
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    sizes = (a[2:] - a[:2]) + (b[2:] - b[:2])
-    shrunk = np.sign(offset) * np.maximum(np.abs(offset) - margin * sizes, 0)
-    if np.all(np.abs(shrunk) < 1e-3):
-        return set()
-    dx, dy = shrunk / np.linalg.norm(offset)
-    found = set()
-    if dx < -0.5:
-        found.add("left of")
-    if dx > 0.5:
-        found.add("right of")
-    if dy < -0.5:
-        found.add("above")
-    if dy > 0.5:
-        found.add("below")
-    return found
+    return rule(np.asarray(box_a, dtype=float)[:4], np.asarray(box_b, dtype=float)[:4], margin)
 
 
 def confident_objects(detections: list[dict], tag: str, rules: Rules = Rules()) -> dict[str, list[dict]]:
