@@ -412,3 +412,4 @@ def test_oracle_scenes_pass_and_wrong_scenes_fail_the_scorer():
     assert not score(shapes.counting_prompt("star", 2), three)  # too many: the exclude clause
     assert not score(shapes.counting_prompt("star", 4), three)
     assert score(shapes.single_object_prompt("star"), three)  # GenEval asks for at least one
+

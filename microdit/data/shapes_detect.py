@@ -19,7 +19,10 @@ from PIL import Image
 
 from microdit.data.shapes import PALETTE, SHAPES, shape_mask
 
-MIN_AREA_FRACTION = 0.0015  # of the image: ~25 px at 128 px, well below the smallest world object
+MIN_AREA_FRACTION = 0.004  # of the image: ~65 px at 128 px, half the smallest world object (a small star)
+# An irregular blob still overlaps some ideal shape by ~0.5-0.7 IoU; confidence starts above that,
+# so speckle and noise (an untrained model's output) do not pass as shapes.
+IOU_FLOOR = 0.6
 _PALETTE_RGB = np.array(list(PALETTE.values()), dtype=np.float32)
 _EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)  # thin star tips meet the body at a corner
 
@@ -66,6 +69,7 @@ def detect(image, max_color_distance: float = 60.0, min_area: int | None = None)
             shape = max(ious, key=ious.get)
             color_distance = float(nearest_distance[box][component].mean())
             color_fit = max(0.0, 1.0 - color_distance / max_color_distance)
+            shape_fit = max(0.0, (ious[shape] - IOU_FLOOR) / (1.0 - IOU_FLOOR))
             y0, x0 = box[0].start, box[1].start
             detections.append(
                 {
@@ -73,7 +77,7 @@ def detect(image, max_color_distance: float = 60.0, min_area: int | None = None)
                     "color": color,
                     "bbox": [x0, y0, x0 + w, y0 + h],
                     "center": [x0 + w / 2, y0 + h / 2],
-                    "score": ious[shape] * color_fit,
+                    "score": shape_fit * color_fit,
                     "iou": ious[shape],
                     "color_distance": color_distance,
                 }
