@@ -76,3 +76,13 @@ def test_paper_preset_dry_run_plans_every_phase(tmp_path):
     for source in ("cc12m", "sa1b", "textcaps", "journeydb", "diffusiondb", "coco"):
         assert f"raw/{source}/_summary.json" in out
     assert "latents/cc12m_512/_summary.json" in out and "latents/coco/" not in out
+
+
+def test_multi_node_training_plans_srun_and_torchrun(tmp_path):
+    cfg = tmp_path / "nodes.yaml"
+    cfg.write_text("preset: paper\nresources:\n  train: {threads: 64, mem_mb: 512000, runtime: 10080, gpu: 8, nodes: 2}\n")
+    r = _snakemake("-n", "-p", "--configfile", str(cfg), "--config", f"root={tmp_path}/data", f"results={tmp_path}/results")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "nodes=2, tasks=2, mpi=srun" in out and "--gpus-per-node=8" in out
+    assert "srun --nodes 2 --ntasks-per-node 1" in out and "torchrun --nnodes 2 --nproc_per_node 8" in out

@@ -19,13 +19,27 @@ def res(group, key):
 
 
 def group_resources(group):
-    """Snakemake resources for a rule group; `gpu` is what the Slurm executor maps to --gpus."""
+    """Snakemake resources for a rule group; `gpu` is what the Slurm executor maps to --gpus.
+
+    With `nodes: K > 1` the job is K Slurm tasks, one per node, each holding `gpu` GPUs
+    (slurm/README.md, "Several nodes")."""
     r = config["resources"][group]
+    nodes = r.get("nodes", 1)
+    if nodes > 1:
+        return dict(mem_mb=r["mem_mb"], runtime=r["runtime"], nodes=nodes, tasks=nodes, mpi="srun",
+                    slurm_extra=f"--gpus-per-node={r['gpu']} --signal=TERM@300")
     return dict(mem_mb=r["mem_mb"], runtime=r["runtime"], gpu=r["gpu"])
 
 
 def launcher(group):
-    gpus = res(group, "gpu")
+    """How a rule group's command starts: plain, torchrun on one node, or srun + torchrun on K nodes."""
+    gpus, nodes = res(group, "gpu"), config["resources"][group].get("nodes", 1)
+    if nodes > 1:
+        first_node = '$(scontrol show hostnames "$(squeue -h -j $SLURM_JOB_ID -o %N)" | head -n1)'
+        return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {res(group, 'threads')}"
+                f" --kill-on-bad-exit=1 torchrun --nnodes {nodes} --nproc_per_node {gpus}"
+                f" --rdzv_backend c10d --rdzv_id $SLURM_JOB_ID --rdzv_endpoint {first_node}:29500"
+                " -m microdit.cli")
     if gpus > 1:
         return f"torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
     return "microdit"
