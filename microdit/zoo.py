@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microdit.cli import UserError
-from microdit.io import read_json, write_json
+from microdit.io import read_json, sha256_file, write_json
 
 ROLES = ("vae", "text_encoder", "captioner", "clip", "fid", "detector")
 INFO_FILE = "MODEL_INFO.json"
@@ -707,15 +707,7 @@ def cleanfid_dir(dest: Path, origin: str) -> dict:
               "input_size": 299, "weights": CLEANFID_WEIGHTS}
     write_json(dest / "config.json", config)
     return {"origin": origin, "kind": config["kind"], "feature_dim": 2048, "comparable": True,
-            "sha256": _sha256(dest / CLEANFID_WEIGHTS)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+            "sha256": sha256_file(dest / CLEANFID_WEIGHTS)}
 
 
 def validate_local(role: str, path: Path) -> str:

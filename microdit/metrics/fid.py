@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from microdit.io import atomic_path
+from microdit.io import atomic_path, sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 NOT_COMPARABLE = "untrained feature extractor: not comparable to published FIDs"
@@ -41,14 +41,6 @@ class FeatureExtractor:
     comparable: bool
     fingerprint: str  # identifies the weights; part of every cache key
     input_size: int = 299
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 WEIGHT_FILES = {"cleanfid_inception": "inception-2015-12-05.pt", "torchvision_inception_v3": "model.safetensors"}
@@ -79,7 +71,7 @@ def load_extractor(model_dir: str | os.PathLike, device: str | torch.device = "c
     except (RuntimeError, ValueError) as e:
         raise UserError(f"{weights} does not load as {kind}: {str(e).splitlines()[0]}") from e
     comparable = kind == "cleanfid_inception"  # the only weights published FIDs were computed with
-    fingerprint = hashlib.sha256(f"{kind}:{_file_digest(weights)}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"{kind}:{sha256_file(weights)}".encode()).hexdigest()
     return FeatureExtractor(net.eval(), kind, comparable, fingerprint, int(config.get("input_size", 299)))
 
 
