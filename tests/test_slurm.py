@@ -129,8 +129,10 @@ rule probe:
     shell: "{python} -m torch.distributed.run --standalone --nproc_per_node {{resources.gpu}} probe.py > {{output}}"
 """
 PROBE = """import os
-print(os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ.get("CUDA_VISIBLE_DEVICES"),
-      os.environ.get("SLURM_STEP_NUM_TASKS"), os.environ.get("SLURM_JOB_ID"), flush=True)
+fields = (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ.get("CUDA_VISIBLE_DEVICES"),
+          os.environ.get("SLURM_STEP_NUM_TASKS"), os.environ.get("SLURM_JOB_ID"))
+# one write() per rank: both ranks share the output file, and buffered prints can interleave
+os.write(1, (" ".join(str(f) for f in fields) + "\\n").encode())
 """
 
 
@@ -143,7 +145,7 @@ def test_gpu_rule_is_one_task_holding_all_its_gpus(cluster, tmp_path):
     r = subprocess.run(cmd, cwd=tmp_path, env=slurm_env(cluster.partition), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    rows = [line.split() for line in (tmp_path / "ranks.txt").read_text().splitlines()]
+    rows = [line.split() for line in (tmp_path / "ranks.txt").read_text().splitlines() if line.strip()]
     # torchrun started one process per GPU, all inside the single task that holds both GPUs
     assert sorted(row[0] for row in rows) == ["0", "1"] and {row[1] for row in rows} == {"2"}, rows
     assert {row[2] for row in rows} == {"0,1"}, rows
