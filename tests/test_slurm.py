@@ -126,13 +126,14 @@ rule probe:
     output: "ranks.txt"
     threads: {threads}
     resources: gpu=2, mem_mb=500, runtime=5
-    shell: "{python} -m torch.distributed.run --standalone --nproc_per_node {{resources.gpu}} probe.py > {{output}}"
+    shell: "{python} -m torch.distributed.run --standalone --nproc_per_node {{resources.gpu}} probe.py && cat rank-*.txt > {{output}}"
 """
+# Each rank writes its own file: ranks sharing one output stream can interleave mid-line.
 PROBE = """import os
 fields = (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ.get("CUDA_VISIBLE_DEVICES"),
           os.environ.get("SLURM_STEP_NUM_TASKS"), os.environ.get("SLURM_JOB_ID"))
-# one write() per rank: both ranks share the output file, and buffered prints can interleave
-os.write(1, (" ".join(str(f) for f in fields) + "\\n").encode())
+with open(f"rank-{os.environ['RANK']}.txt", "w") as f:
+    f.write(" ".join(str(x) for x in fields) + "\\n")
 """
 
 
@@ -166,7 +167,7 @@ rule probe:
         "HEAD=$(scontrol show hostnames \\"$(squeue -h -j $SLURM_JOB_ID -o %N)\\" | head -n1); "
         "srun --nodes 2 --ntasks-per-node 1 --cpus-per-task {{threads}} --kill-on-bad-exit=1 "
         "{python} -m torch.distributed.run --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d "
-        "--rdzv_id $SLURM_JOB_ID --rdzv_endpoint $HEAD:{port} all_reduce.py > {{output}}"
+        "--rdzv_id $SLURM_JOB_ID --rdzv_endpoint $HEAD:{port} all_reduce.py && cat rank-*.txt > {{output}}"
 """
 ALL_REDUCE = """import os
 import torch
@@ -174,8 +175,10 @@ import torch.distributed as dist
 dist.init_process_group("gloo")
 total = torch.ones(1)
 dist.all_reduce(total)
-print(os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ.get("SLURMD_NODENAME"),
-      os.environ.get("CUDA_VISIBLE_DEVICES"), int(total.item()), os.environ.get("SLURM_JOB_ID"), flush=True)
+fields = (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ.get("SLURMD_NODENAME"),
+          os.environ.get("CUDA_VISIBLE_DEVICES"), int(total.item()), os.environ.get("SLURM_JOB_ID"))
+with open(f"rank-{os.environ['RANK']}.txt", "w") as f:
+    f.write(" ".join(str(x) for x in fields) + "\\n")
 dist.destroy_process_group()
 """
 
