@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -60,8 +61,13 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, 
 METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "mfu", "time", "images_seen")
 CKPT_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
-# Settings a checkpoint must share with the run resuming it (anything else may change).
-RESUME_MUST_MATCH = ("model", "latent_size", "mask_ratio", "global_batch")
+RUN_FILE = "run.json"  # beside each checkpoint: what defines the run (see run_fingerprint)
+# Flags that define a stage's trajectory; a checkpoint made with other values belongs to another run.
+# Not here, so a rerun may change them and resume: --steps under a constant schedule (train longer),
+# micro-batch, devices, compile/FSDP, checkpoint and logging cadence, sample prompts.
+RUN_DEFINING = ("mask_ratio", "global_batch", "lr", "schedule", "warmup", "final_lr_ratio", "p_mean", "p_std",
+                "grad_clip", "weight_decay", "betas", "eps", "caption_drop", "ema", "ema_decay", "ema_start",
+                "moe_lr_scale", "weighting", "init_weights", "init_optimizer", "seed")
 
 
 class NonFiniteLossError(UserError):
@@ -238,6 +244,63 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def run_fingerprint(args: argparse.Namespace, model_config: dict, latent_size: int) -> dict[str, Any]:
+    """Everything that decides what a stage's checkpoints hold: the architecture, the trajectory
+    flags, each data source (its summary's hash and weight) and the hash of the --init weights.
+
+    A rerun whose fingerprint differs is another run (a changed key, retrained data or a retrained
+    previous stage): its old checkpoints must not be resumed."""
+    from microdit.io import sha256_file
+
+    def jsonable(v):
+        return list(v) if isinstance(v, tuple) else v
+
+    weights = source_weights(args.latents, args.weights) or [1.0] * len(args.latents)
+    data = {}
+    for path, weight in zip(args.latents, weights):
+        # the summary and every shard index (which holds each shard's xxh3): the data's content
+        files = sorted(p for p in Path(path).rglob("*.json") if p.name in ("_summary.json", "index.json"))
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f"{f.relative_to(path)}\0{sha256_file(f)}\0".encode())
+        data[Path(path).name] = {"weight": weight, "sha256": digest.hexdigest() if files else None}
+    init = None
+    if args.init:
+        weights_file = Path(args.init) / (EMA_FILE if args.init_weights == "ema" else MODEL_FILE)
+        init = sha256_file(weights_file) if weights_file.is_file() else None
+    # more steps extend a constant schedule exactly; any other schedule is shaped by its length
+    horizon = None if args.schedule == "constant" else args.steps
+    return {"model": model_config, "latent_size": latent_size, "schedule_steps": horizon,
+            **{k: jsonable(getattr(args, k, None)) for k in RUN_DEFINING}, "data": data, "init_sha256": init}
+
+
+def fingerprint_changes(saved: dict, wanted: dict) -> list[str]:
+    """Readable differences between a checkpoint's fingerprint and this run's ('lr 0.001 -> 0.0003')."""
+    changes = []
+    for key in sorted(set(saved) | set(wanted)):
+        old, new = saved.get(key), wanted.get(key)
+        if old == new:
+            continue
+        if key == "init_sha256":
+            changes.append("the --init weights changed (previous stage retrained)")
+        elif key == "data":
+            changes.append("the training data changed")
+        elif key == "model":
+            changes.append(f"the architecture changed ({old} -> {new})")
+        else:
+            changes.append(f"{key} {old} -> {new}")
+    return changes
+
+
+def set_aside(out: Path) -> Path:
+    """Move a superseded run's checkpoints to ckpt.superseded/ (replacing older ones), not delete them."""
+    aside = out / "ckpt.superseded"
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(out / "ckpt", aside)
+    return aside
+
+
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under `out/ckpt`, oldest first."""
     found = []
@@ -249,7 +312,7 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(out: Path, step: int, config: dict, state: dict, ema_state: dict | None,
-                    train_state: dict, keep: int) -> Path:
+                    train_state: dict, keep: int, fingerprint: dict | None = None) -> Path:
     """Write ckpt/step-N via a temp dir and a rename, then drop all but the newest `keep`."""
     root = out / "ckpt"
     final = root / f"step-{step:06d}"
@@ -258,6 +321,8 @@ def save_checkpoint(out: Path, step: int, config: dict, state: dict, ema_state: 
         shutil.rmtree(tmp)
     write_model_dir(tmp, config, state, ema_state)
     torch.save(train_state, tmp / STATE_FILE)
+    if fingerprint is not None:
+        write_json(tmp / RUN_FILE, {"step": step, "fingerprint": fingerprint})
     replace_dir(tmp, final)
     for _, old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -508,6 +573,11 @@ def stage_number(args: argparse.Namespace) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def architecture_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Ablation switches on top of the named size (recorded in the model's config only when set)."""
+    return {} if getattr(args, "patch_mixer", True) else {"use_patch_mixer": False}
+
+
 def build_stage_model(args: argparse.Namespace, latent_shape: list[int], caption_dim: int, load_init: bool = True):
     """The MicroDiT for this stage's latents, with --init's weights when given and `load_init`."""
     from microdit.checkpoint import load_previous_stage
@@ -529,7 +599,7 @@ def build_stage_model(args: argparse.Namespace, latent_shape: list[int], caption
     torch.manual_seed(args.seed)
     try:
         model = build_model(args.model, input_size=size, in_channels=channels, caption_channels=caption_dim,
-                            pos_interp_scale=1.0 if scale is None else scale)
+                            pos_interp_scale=1.0 if scale is None else scale, **architecture_overrides(args))
     except ValueError as e:
         raise UserError(str(e)) from None
     if init_dir is not None and load_init:
@@ -568,20 +638,32 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- model, resumed or fresh -------------------------------------------------------------
+    with torch.device("meta"):
+        wanted = build_stage_model(args, latent_shape, caption_shape[-1], load_init=False).config
+    fingerprint = run_fingerprint(args, wanted, latent_shape[-1])
     found = checkpoints(out)
     resume = found[-1][1] if found else None
+    if resume is not None:
+        saved_run = read_json(resume / RUN_FILE) if (resume / RUN_FILE).is_file() else None
+        changes = (fingerprint_changes(saved_run["fingerprint"], fingerprint) if saved_run is not None
+                   else fingerprint_changes({"model": read_json(resume / CONFIG_FILE)}, {"model": wanted}))
+        if changes:
+            what = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
+            if args.on_change == "error":
+                raise UserError(f"{out / 'ckpt'} holds another run's checkpoints ({what}); use another --out, "
+                                "delete them, or pass --on-change restart")
+            rt.barrier()  # every process has read the old checkpoint before it moves
+            if rt.main:
+                set_aside(out)
+            rt.barrier()
+            say(f"note: {out / 'ckpt'} held another run's checkpoints ({what}); this stage starts afresh and "
+                f"they were moved to {out / 'ckpt.superseded'}")
+            resume = None
     train_state: dict[str, Any] | None = None
     if resume is None:
         model = build_stage_model(args, latent_shape, caption_shape[-1])
-    else:  # the checkpoint's architecture, which must be the one these flags ask for
-        with torch.device("meta"):
-            wanted = build_stage_model(args, latent_shape, caption_shape[-1], load_init=False).config
-        saved_config = read_json(resume / CONFIG_FILE)
-        diff = sorted(k for k in set(wanted) | set(saved_config) if wanted.get(k) != saved_config.get(k))
-        if diff:
-            raise UserError(f"{resume} holds a model with {diff[0]}={saved_config.get(diff[0])!r}, these flags ask "
-                            f"for {wanted.get(diff[0])!r}; use another --out or delete {out / 'ckpt'}")
-        model = model_from_config(saved_config)
+    else:
+        model = model_from_config(read_json(resume / CONFIG_FILE))
     config = dict(model.config)
     identity = {"model": config["architecture"], "latent_size": latent_shape[-1], "mask_ratio": args.mask_ratio,
                 "global_batch": args.global_batch, "steps": args.steps, "lr": args.lr, "schedule": args.schedule}
@@ -590,10 +672,6 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
         # mmap: the processes of one node share the pages instead of each holding a copy
         train_state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
         saved = train_state.get("identity", {})
-        clash = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != identity[k]]
-        if clash:
-            raise UserError(f"{resume} was trained with {clash[0]}={saved[clash[0]]!r}, this run asks for "
-                            f"{identity[clash[0]]!r}; use another --out or delete {out / 'ckpt'}")
         changed = [k for k in identity if k in saved and saved[k] != identity[k]]
         if changed:
             say(f"note: resuming with changed {', '.join(f'{k} {saved[k]} -> {identity[k]}' for k in changed)}")
@@ -707,7 +785,7 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
                 "optimizer": optim_state, "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
                 "rng": rng_state(), "identity": identity, "world_size": rt.world_size, "stage": stage,
             }
-            save_checkpoint(out, step, config, state, ema_full, train_state_now, args.keep)
+            save_checkpoint(out, step, config, state, ema_full, train_state_now, args.keep, fingerprint)
         rt.barrier()
         return state, ema_full, optim_state
 
@@ -857,6 +935,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", choices=("proportion", "repeat"), default="proportion",
                    help="weights are shares of an epoch (proportion) or times each source is seen (repeat)")
     p.add_argument("--model", default="MicroDiT_XL_2", help="MicroDiT_XL_2 | MicroDiT_Tiny_2 | MicroDiT_Smoke_2")
+    p.add_argument("--no-patch-mixer", dest="patch_mixer", action="store_false",
+                   help="ablation: no patch-mixer, patches are masked straight after the embedding")
     p.add_argument("--caption-channels", type=int, help="expected caption embedding width (checked against the data)")
     p.add_argument("--resolution", type=int, required=True, help="image resolution in px (picks the latents column)")
     p.add_argument("--stage", type=int, help="stage number for logs and summary (default: from --out, e.g. stage3)")
@@ -908,5 +988,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", type=int, help="default: --seed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--on-change", choices=("restart", "error"), default="restart",
+                   help="when --out holds checkpoints of another run (a run-defining flag, the data or the --init "
+                        "weights changed): start afresh, moving them to ckpt.superseded/ (default), or stop")
     p.add_argument("--max-steps-this-run", type=int,
                    help="stop after N steps as if preempted (checkpoint, exit code 143)")

@@ -9,6 +9,8 @@ import argparse
 import csv
 import json
 import os
+import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 
 import microdit.edm
 from microdit.cli import UserError
-from microdit.io import write_json
+from microdit.io import read_json, write_json
 from microdit.train import (
     EMA, EXIT_RESUMABLE, METRIC_FIELDS, NonFiniteLossError, add_arguments, checkpoints, load_trained,
     optimizer_groups, run,
@@ -333,8 +335,67 @@ def test_bad_flags_are_one_line_errors(straight, data, tmp_path):
         train(tmp_path / "d", data, "--warmup", "20")
     with pytest.raises(UserError, match="no config.json"):
         train(tmp_path / "e", data, "--init", str(tmp_path))
-    with pytest.raises(UserError, match="mask_ratio"):  # resuming the finished stage with other settings
-        train(straight, data, "--mask-ratio", "0.5")
+    with pytest.raises(UserError, match=r"another run's checkpoints \(mask_ratio 0.75 -> 0.5\)"):
+        train(straight, data, "--mask-ratio", "0.5", "--on-change", "error")
+
+
+# ---- a rerun with other settings is another run ----------------------------------------------------
+
+def test_changed_settings_start_afresh_and_set_the_old_checkpoints_aside(straight, data, tmp_path, capsys):
+    out = tmp_path / "stage1"
+    shutil.copytree(straight, out)
+    old = {step: (path / "model.safetensors").read_bytes() for step, path in checkpoints(out)}
+    assert train(out, data, "--lr", "5e-4") == 0
+    assert re.search(r"held another run's checkpoints \(lr [0-9.e-]+ -> 0\.0005\); this stage starts afresh",
+                     capsys.readouterr().out)
+    # the old run is kept, not resumed and not lost
+    kept = out / "ckpt.superseded"
+    assert {int(p.name.split("-")[1]): (p / "model.safetensors").read_bytes() for p in kept.glob("step-*")} == old
+    ours = losses(out)
+    assert [s for s, _ in ours] == list(range(1, STEPS + 1))  # trained from step 1, rows of the old run gone
+    assert ours[0] == losses(straight)[0]  # same init, data and noise: only the update differs
+    assert ours[-1] != losses(straight)[-1]
+    assert read_json(out / "summary.json")["lr"] == 5e-4
+
+
+def test_more_steps_extend_a_constant_schedule_but_reshape_a_cosine_one(straight, data, tmp_path, capsys):
+    constant = ("--schedule", "constant", "--warmup", "0")
+    out = tmp_path / "constant"
+    assert train(out, data, *constant, "--steps", "4") == 0
+    short = losses(out)
+    capsys.readouterr()
+    assert train(out, data, *constant, "--steps", "6") == 0  # train longer: the same run, resumed
+    assert "resuming" in capsys.readouterr().out and not (out / "ckpt.superseded").exists()
+    assert losses(out)[:4] == short and len(losses(out)) == 6
+
+    cosine = tmp_path / "cosine"
+    shutil.copytree(straight, cosine)
+    assert train(cosine, data, "--steps", str(STEPS + 2)) == 0  # the decay would have been another
+    assert "schedule_steps 8 -> 10" in capsys.readouterr().out and (cosine / "ckpt.superseded").is_dir()
+
+
+def test_fingerprint_follows_the_data_and_the_previous_stage(straight, data, tmp_path):
+    from microdit.train import fingerprint_changes, run_fingerprint
+
+    init = tmp_path / "init"
+    shutil.copytree(straight / "final", init)
+    args = args_for(tmp_path / "x", data, "--init", str(init))
+    config = {"architecture": "MicroDiT_Smoke_2"}
+    before = run_fingerprint(args, config, 8)
+    assert fingerprint_changes(before, run_fingerprint(args, config, 8)) == []
+    # another micro-batch, checkpoint cadence or log interval: the same run
+    same = args_for(tmp_path / "x", data, "--init", str(init), "--micro-batch", "4", "--keep", "5", "--log-every", "3")
+    assert fingerprint_changes(before, run_fingerprint(same, config, 8)) == []
+    (init / "model.safetensors").write_bytes((straight / "final" / "ema.safetensors").read_bytes())
+    assert fingerprint_changes(before, run_fingerprint(args, config, 8)) == [
+        "the --init weights changed (previous stage retrained)"]
+    summary = Path(data[0]) / "_summary.json"
+    text = summary.read_text()
+    try:
+        summary.write_text(text + " ")
+        assert "the training data changed" in fingerprint_changes(before, run_fingerprint(args, config, 8))
+    finally:
+        summary.write_text(text)
 
 
 # ---- several processes (torchrun, gloo on the CPU) -----------------------------------------------

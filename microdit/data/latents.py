@@ -277,8 +277,9 @@ def encode_part(index: int, shard: dict, mds_dir: Path, out_dir: Path, encoders:
         images = ShardImages(reader, resolutions, image_column, caption_column)
         batches = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers,
                                               collate_fn=_collate)
+        # xxh3 of every shard in index.json: what a training stage's fingerprint knows the data by
         writer = MDSWriter(out=str(tmp), columns=columns, compression=None, size_limit=SHARD_SIZE_LIMIT,
-                           exist_ok=True)
+                           hashes=["xxh3_64"], exist_ok=True)
         for items in batches:
             counts["input"] += len(items)
             good = [it for it in items if "failed" not in it]

@@ -122,7 +122,8 @@ def convert_shard(shard: str, part: str, opts: dict) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f".{part.name}.", suffix=".tmp", dir=part.parent))
     try:
         stage = JpegStager(work)
-        with MDSWriter(out=str(work / "mds"), columns=columns, compression=None, size_limit=opts["shard_size"]) as writer:
+        with MDSWriter(out=str(work / "mds"), columns=columns, compression=None, size_limit=opts["shard_size"],
+                       hashes=["xxh3_64"]) as writer:
             for sample in iter_samples(shard, reader):
                 counts["input"] += 1
                 reason, row = _prepare(sample, caption_of, opts, resample, counts, stage)
