@@ -18,6 +18,17 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 
 configfile: str(Path(workflow.basedir) / "config.yaml")
 
+# `--config only=<wildcard>=<value>` (source, stage or tag) narrows that wildcard to one value, so every
+# other job's outputs are plain input files here and Snakemake never reruns them, whatever their
+# timestamps. dvc.yaml's commands use it: DVC decides what is out of date, each of its stages runs one
+# phase (e.g. `only=stage=2` with `--allowed-rules train`: training stage 2 and nothing else).
+ONLY = {}
+if "only" in config:
+    _wildcard, _, _value = str(config.pop("only")).partition("=")
+    if _wildcard not in ("source", "stage", "tag") or not _value:
+        raise WorkflowError(f"config error: 'only' must be source=<name>, stage=<1-4> or tag=stage<N>, got {_wildcard}={_value}")
+    ONLY[_wildcard] = _value
+
 try:
     _resolved = resolve(dict(config), Path(workflow.basedir) / "workflow")
 except ConfigError as e:

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("microdit.evaluate", "generate evaluation images and compute FID, CLIP score and GenEval"),
     "cost": ("microdit.cost", "wall time, GPU-hours and dollars per phase and stage, and a full-run projection"),
     "report": ("microdit.report", "build the self-contained results/report.html"),
+    "dvc": ("microdit.dvc", "generate dvc.yaml (and params.yaml) from the Snakemake DAG, or check it is current"),
 }
 
 

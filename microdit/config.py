@@ -8,6 +8,7 @@ any job starts.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,44 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _subschema(schema: dict, root: dict, key: Any) -> dict:
+    """The schema of `key` inside an object/array schema (following local $refs)."""
+    while "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if isinstance(key, int):
+        return schema.get("items", {})
+    found = schema.get("properties", {}).get(key, schema.get("additionalProperties", {}))
+    return found if isinstance(found, dict) else {}
+
+
+def _wants_number(schema: dict, root: dict) -> bool:
+    while "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    return "number" in types and "string" not in types
+
+
+def _yaml11_fixes(value: Any, schema: dict, root: dict) -> Any:
+    """Undo what YAML 1.1 readers (PyYAML, hence Snakemake) make of values a YAML 1.2 writer leaves
+    plain, as DVC does when `dvc exp run -S` rewrites params.yaml: `1e-4` is read as a string and an
+    unquoted `no` as false. Where the schema wants a number, scientific notation becomes a float
+    again; where it wants one of some strings that include "no" (img2dataset's resize mode), false
+    becomes "no"."""
+    if isinstance(value, dict):
+        return {k: _yaml11_fixes(v, _subschema(schema, root, k), root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml11_fixes(v, _subschema(schema, root, i), root) for i, v in enumerate(value)]
+    if isinstance(value, str) and _SCIENTIFIC.match(value) and _wants_number(schema, root):
+        return float(value)
+    if value is False and "no" in schema.get("enum", []):
+        return "no"
+    return value
+
+
 def resolve(user_config: dict, workflow_dir: str | Path) -> dict:
     """Merge preset + user keys, expand `{root}`, validate. Returns a new dict."""
     workflow_dir = Path(workflow_dir)
@@ -96,11 +135,11 @@ def resolve(user_config: dict, workflow_dir: str | Path) -> dict:
     if not isinstance(preset, str) or not preset_file.is_file():
         known = sorted(p.stem for p in (workflow_dir / "presets").glob("*.yaml"))
         raise ConfigError(f"config key 'preset': unknown preset {preset!r} (known: {', '.join(known)})")
-    merged = deep_merge(load_yaml(preset_file), user_config)
+    schema = yaml.safe_load((workflow_dir / "schemas" / "config.schema.yaml").read_text())
+    merged = _yaml11_fixes(deep_merge(load_yaml(preset_file), user_config), schema, schema)
     merged["preset"] = preset
     # `sources` is replaced whole only where the user names a source; a source set to null is removed
     merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
-    schema = yaml.safe_load((workflow_dir / "schemas" / "config.schema.yaml").read_text())
     validate(merged, schema)
     merged = _expand(merged, {"root": str(merged["root"]), "results": str(merged["results"])})
     _check_model_paths(merged)

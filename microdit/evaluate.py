@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="MicroDiT_Smoke_2", help="architecture of the --untrained model")
     p.add_argument("--resolution", type=int, help="image resolution (px); required with --untrained, checked otherwise")
     p.add_argument("--caption-channels", type=int, help="caption width D of the --untrained model (default: the text encoder's)")
+    p.add_argument("--no-patch-mixer", dest="patch_mixer", action="store_false",
+                   help="the --untrained model without its patch-mixer (the mixer ablation's baseline)")
     p.add_argument("--eval-mds", required=True, type=Path, help="evaluation split: MDS with columns key, image, caption")
     p.add_argument("--vae", required=True, type=Path, help="VAE directory (<root>/models/vae)")
     p.add_argument("--text-encoder", required=True, type=Path, help="text encoder directory")
@@ -261,7 +263,8 @@ def load_model(args: argparse.Namespace, encoders, device: torch.device) -> tupl
         torch.manual_seed(args.seed)
         try:
             model = build_model(args.model, input_size=args.resolution // factor, caption_channels=caption_channels,
-                                in_channels=int(vae_config.latent_channels))
+                                in_channels=int(vae_config.latent_channels),
+                                **({} if args.patch_mixer else {"use_patch_mixer": False}))
         except ValueError as e:
             raise UserError(str(e)) from e
         checkpoint = f"untrained {args.model} (init seed {args.seed})"

@@ -86,3 +86,19 @@ def test_multi_node_training_plans_srun_and_torchrun(tmp_path):
     assert r.returncode == 0, out[-3000:]
     assert "nodes=2, tasks=2, mpi=srun" in out and "--gpus-per-node=8" in out
     assert "srun --nodes 2 --ntasks-per-node 1" in out and "torchrun --nnodes 2 --nproc_per_node 8" in out
+
+
+def test_values_a_yaml_1_2_writer_leaves_plain_are_read_back():
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2: `1e-4` and `no` unquoted, which YAML 1.1
+    readers (PyYAML, Snakemake) take for a string and for false."""
+    import yaml
+
+    text = "download:\n  resize_mode: no\ntrain:\n  stages:\n    stage1:\n      lr: 1e-4\ncaption:\n  prompt: 2e5\n"
+    user = yaml.safe_load(text)
+    assert user["download"]["resize_mode"] is False and user["train"]["stages"]["stage1"]["lr"] == "1e-4"
+    config = resolve(user, WORKFLOW)
+    assert config["download"]["resize_mode"] == "no"
+    assert config["train"]["stages"]["stage1"]["lr"] == 1e-4
+    assert config["caption"]["prompt"] == "2e5"  # a string where the schema wants one stays one
+    with pytest.raises(ConfigError, match="resize_mode"):  # false where no enum value is "no" still fails
+        resolve({"download": {"resize_mode": True}}, WORKFLOW)

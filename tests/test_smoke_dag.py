@@ -127,6 +127,21 @@ def test_report_in_a_real_browser(data_run):
     assert "Not run yet" not in page.dom
 
 
+def test_snakemake_report_holds_the_marked_outputs(data_run, tmp_path):
+    out = tmp_path / "snakemake-report.html"
+    r = snakemake(data_run, "--report", str(out))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    html = out.read_text()
+    marked = ["results/config.json", "results/data/funnel.json", "results/cost.json", "results/report.html"]
+    marked += [f"results/eval/{tag}/{name}" for tag in ("stage0", "stage2", "stage4") for name in ("metrics.json", "grid.png")]
+    marked += [f"data/checkpoints/stage{n}/samples.png" for n in (1, 2, 3, 4)]
+    for path in marked:  # a result entry, keyed by path (a bare path also shows up in job inputs)
+        assert f'"{path}": {{"name": ' in html, f"{path} is not a result in Snakemake's report"
+    # captions are rendered per job (wildcards filled in) and the workflow description is there
+    assert "Sample grid at the end of training stage 4" in html and "Evaluation of stage2" in html
+    assert "results/report.html (category Report)" in html
+
+
 def test_second_run_has_nothing_to_do(data_run):
     r = snakemake(data_run, "-n")
     assert r.returncode == 0

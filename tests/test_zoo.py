@@ -2,6 +2,7 @@
 and the OpenCLIP -> CLIPTextModel conversion checked against OpenCLIP itself."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import os
@@ -55,7 +56,7 @@ def smoke_args(out: Path, world: Path, *extra: str) -> list[str]:
     return ["models", "--out", str(out), "--preset", "smoke", "--captions", str(world), "--images", str(world),
             "--vae-steps", "40", "--vae-res", "32", "--vae-batch", "8", "--vae-channels", "8", "16", "16", "16",
             "--vae-grid-res", "64", "--text-dim", str(TEXT_DIM), "--clip-image-size", "32",
-            "--fid-input-size", "96", *extra]
+            "--text-steps", "40", "--text-image-res", "32", "--fid-input-size", "96", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,33 @@ def test_every_role_has_model_info(built):
     os.umask(umask)
     assert (out / "vae").stat().st_mode & 0o777 == 0o777 & ~umask, "model dirs get the modes mkdir would give"
     assert (out / "vae" / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_text_encoder_warm_up_separates_the_captions(built):
+    """The contrastive warm-up learns to match captions to images (the corrupt row and the row
+    without a caption are left out) and spreads caption embeddings apart."""
+    out, world = built
+    alignment = info(out, "text_encoder")["alignment"]
+    assert alignment["pairs"] == 36 and alignment["steps"] == 40
+    assert alignment["loss_after"] < 0.7 * alignment["loss_before"]
+    assert alignment["batch_accuracy_after"] > alignment["batch_accuracy_before"] + 0.2
+    from transformers import AutoTokenizer
+
+    from microdit.text import TextEncoder
+
+    # the same text encoder left random, for comparison
+    random_dir = out.parent / "random-text-encoder"
+    tokenizer = AutoTokenizer.from_pretrained(out / "text_encoder")
+    zoo.build_text_encoder(random_dir, tokenizer, argparse.Namespace(seed=0, text_dim=TEXT_DIM, text_layers=2,
+                                                                     text_steps=0))
+    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green circle"]
+    off = ~torch.eye(len(prompts), dtype=torch.bool)
+
+    def mean_cosine(path):
+        emb = torch.nn.functional.normalize(TextEncoder.from_pretrained(path, device="cpu").encode(prompts).flatten(1), dim=1)
+        return (emb @ emb.T)[off].mean().item()
+
+    assert mean_cosine(out / "text_encoder") < mean_cosine(random_dir) - 0.03
 
 
 def test_text_encoder_reloads_and_encodes_77_by_d(built):

@@ -19,8 +19,10 @@ rule caption:
         f"{ROOT}/logs/caption/{{source}}.log",
     benchmark:
         f"{ROOT}/benchmarks/caption/{{source}}.tsv"
+    conda:
+        "../../envs/encode.yaml",
     shell:
-        "microdit caption --raw {params.raw} --out {output} --model {ROOT}/models/captioner"
+        "{MICRODIT} caption --raw {params.raw} --out {output} --model {ROOT}/models/captioner"
         " --prompt {params.c[prompt]:q} --max-new-tokens {params.c[max_new_tokens]}"
         " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]} --min-size {params.min_size}"
         " --device {config[device]} > {log} 2>&1"

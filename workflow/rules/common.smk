@@ -9,9 +9,35 @@ LLAVA_SOURCES = [s for s in SOURCES if config["sources"][s]["captions"] == "llav
 MODEL_ROLES = sorted(config["models"]["roles"])
 IS_SMOKE_WORLD = config["models"]["source"] == "build" and bool(config["world"]["counts"])
 
+def constraint(wildcard, pattern):
+    """A wildcard's pattern, narrowed to one value under `--config only=<wildcard>=<value>` (Snakefile)."""
+    import re
+
+    return re.escape(ONLY[wildcard]) if wildcard in ONLY else pattern
+
+
 wildcard_constraints:
-    source="|".join(SOURCES) or "NO_SOURCE",
+    source=constraint("source", "|".join(SOURCES) or "NO_SOURCE"),
     role="|".join(MODEL_ROLES),
+
+
+# How a rule starts `microdit`. Normally the console script installed beside the Python that runs
+# Snakemake (the Snakefile puts it on PATH). Under `--sdm conda` each rule's shell runs in its env from
+# envs/, which holds the third-party packages only: the package comes from this checkout instead, as
+# `python -m microdit.cli` with the checkout on PYTHONPATH. Set on the command line because Snakemake
+# clears PYTHONPATH from the environment of conda jobs; `python` is the env's (activation puts it first
+# on PATH, ahead of the driver's `microdit`). Not a `pip install -e` in the env files: Snakemake copies
+# an env file into .snakemake/conda/ before `conda env create`, so a relative path to the checkout would
+# resolve from there, not from envs/.
+from shlex import quote as _quote
+from snakemake.settings.types import DeploymentMethod as _DeploymentMethod
+
+if _DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+    CHECKOUT_ON_PYTHONPATH = f"PYTHONPATH={_quote(workflow.basedir)} "
+    MICRODIT = f"{CHECKOUT_ON_PYTHONPATH}python -m microdit.cli"
+else:
+    CHECKOUT_ON_PYTHONPATH = ""
+    MICRODIT = "microdit"
 
 
 def res(group, key):
@@ -36,13 +62,13 @@ def launcher(group):
     gpus, nodes = res(group, "gpu"), config["resources"][group].get("nodes", 1)
     if nodes > 1:
         first_node = '$(scontrol show hostnames "$(squeue -h -j $SLURM_JOB_ID -o %N)" | head -n1)'
-        return (f"srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {res(group, 'threads')}"
+        return (f"{CHECKOUT_ON_PYTHONPATH}srun --nodes {nodes} --ntasks-per-node 1 --cpus-per-task {res(group, 'threads')}"
                 f" --kill-on-bad-exit=1 torchrun --nnodes {nodes} --nproc_per_node {gpus}"
                 f" --rdzv_backend c10d --rdzv_id $SLURM_JOB_ID --rdzv_endpoint {first_node}:29500"
                 " -m microdit.cli")
     if gpus > 1:
-        return f"torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
-    return "microdit"
+        return f"{CHECKOUT_ON_PYTHONPATH}torchrun --standalone --nproc_per_node {gpus} -m microdit.cli"
+    return MICRODIT
 
 
 def model_info(role):

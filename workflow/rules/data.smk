@@ -18,8 +18,10 @@ rule download:
         f"{ROOT}/logs/download/{{source}}.log",
     benchmark:
         f"{ROOT}/benchmarks/download/{{source}}.tsv"
+    conda:
+        "../../envs/data.yaml",
     shell:
-        "microdit download --source {wildcards.source} --kind {params.src[kind]}"
+        "{MICRODIT} download --source {wildcards.source} --kind {params.src[kind]}"
         " --input {params.src[input]:q} --out {ROOT}/raw/{wildcards.source} {params.opts}"
         " --image-size {params.d[image_size]} --resize-mode {params.d[resize_mode]}"
         " --min-image-size {params.d[min_image_size]} --processes {params.d[processes]}"
@@ -53,8 +55,10 @@ rule mds:
         f"{ROOT}/logs/mds/{{source}}.log",
     benchmark:
         f"{ROOT}/benchmarks/mds/{{source}}.tsv"
+    conda:
+        "../../envs/data.yaml",
     shell:
-        "microdit mds --raw {params.raw} --out {ROOT}/mds/{wildcards.source} {params.captions}"
+        "{MICRODIT} mds --raw {params.raw} --out {ROOT}/mds/{wildcards.source} {params.captions}"
         " --min-size {params.min_size} --max-size {params.m[max_size]}"
         " --image-format {params.m[image_format]} --quality {params.m[quality]} --workers {threads}"
         " > {log} 2>&1"
@@ -68,7 +72,7 @@ rule funnel:
         [f"{ROOT}/captions/{s}.parquet" for s in LLAVA_SOURCES],
         [f"{ROOT}/latents/{s}/_summary.json" for s in TRAIN_SOURCES],
     output:
-        f"{RESULTS}/data/funnel.json",
+        report(f"{RESULTS}/data/funnel.json", caption="../report/funnel.rst", category="Data"),
     params:
         sources=" ".join(f"--source {s}={config['sources'][s].get('raw_from', s)}" for s in SOURCES),
     threads: 1
@@ -78,5 +82,7 @@ rule funnel:
         f"{ROOT}/logs/funnel.log",
     benchmark:
         f"{ROOT}/benchmarks/funnel.tsv"
+    conda:
+        "../../envs/data.yaml",
     shell:
-        "microdit funnel --root {ROOT} {params.sources} --out {output} > {log} 2>&1"
+        "{MICRODIT} funnel --root {ROOT} {params.sources} --out {output} > {log} 2>&1"

@@ -4,7 +4,7 @@
 EVAL_TAGS = ["stage0"] + [f"stage{s}" for s in sorted(config["evaluate"]["stages"])]
 
 wildcard_constraints:
-    tag="stage[0-4]",
+    tag=constraint("tag", "stage[0-4]"),
 
 
 def eval_source():
@@ -28,7 +28,7 @@ def evaluate_args(wildcards):
     if wildcards.tag == "stage0":
         final = t["stages"]["stage4"]
         what = (f"--untrained --model {t['model']} --resolution {final['resolution']}"
-                f" --caption-channels {t['caption_channels']}")
+                f" --caption-channels {t['caption_channels']}" + ("" if t["patch_mixer"] else " --no-patch-mixer"))
     else:
         ema = t["stages"][wildcards.tag]["ema"]
         what = f"--checkpoint {ROOT}/checkpoints/{wildcards.tag}/final" + (" --ema" if ema else "")
@@ -49,7 +49,10 @@ rule evaluate:
     input:
         unpack(evaluate_inputs),
     output:
-        f"{RESULTS}/eval/{{tag}}/metrics.json",
+        report(f"{RESULTS}/eval/{{tag}}/metrics.json", caption="../report/eval_metrics.rst",
+               category="Evaluation", subcategory="{tag}"),
+        grid=report(f"{RESULTS}/eval/{{tag}}/grid.png", caption="../report/eval_grid.rst",
+                    category="Evaluation", subcategory="{tag}"),
     params:
         launch=launcher("evaluate"),
         args=evaluate_args,
@@ -60,6 +63,8 @@ rule evaluate:
         f"{ROOT}/logs/evaluate/{{tag}}.log",
     benchmark:
         f"{ROOT}/benchmarks/evaluate/{{tag}}.tsv"
+    conda:
+        "../../envs/evaluate.yaml",
     shell:
         "{params.launch} evaluate --tag {wildcards.tag} {params.args} --out {RESULTS}/eval/{wildcards.tag}"
         " > {log} 2>&1"

@@ -20,6 +20,8 @@ rule latents:
         f"{ROOT}/logs/latents/{{source}}.log",
     benchmark:
         f"{ROOT}/benchmarks/latents/{{source}}.tsv"
+    conda:
+        "../../envs/encode.yaml",
     shell:
         "{params.launch} latents --mds {ROOT}/mds/{wildcards.source} --out {ROOT}/latents/{wildcards.source}"
         " --vae {ROOT}/models/vae --text-encoder {ROOT}/models/text_encoder"

@@ -17,7 +17,7 @@ def models_args():
         if spec["path"]:
             args.append(f"--local {role}={spec['path']}")
     b = m["build"]
-    args += [f"--text-dim {b['text_dim']}", f"--vae-steps {b['vae_steps']}",
+    args += [f"--text-dim {b['text_dim']}", f"--text-steps {b['text_steps']}", f"--vae-steps {b['vae_steps']}",
              f"--vae-resolution {b['vae_resolution']}", f"--vae-batch-size {b['vae_batch_size']}",
              f"--seed {config['seed']}"]
     return " ".join(args)
@@ -37,8 +37,10 @@ rule world:
         f"{ROOT}/logs/world.log",
     benchmark:
         f"{ROOT}/benchmarks/world.tsv"
+    conda:
+        "../../envs/data.yaml",
     shell:
-        "microdit world --out {ROOT}/world {params.counts} --image-size {params.w[image_size]}"
+        "{MICRODIT} world --out {ROOT}/world {params.counts} --image-size {params.w[image_size]}"
         " --bad-per-source {params.w[bad_per_source]} --small-size {params.w[small_size]}"
         " --seed {config[seed]} > {log} 2>&1"
 
@@ -59,5 +61,7 @@ rule models:
         f"{ROOT}/logs/models.log",
     benchmark:
         f"{ROOT}/benchmarks/models.tsv"
+    conda:
+        "../../envs/evaluate.yaml",
     shell:
-        "microdit models --out {ROOT}/models {params.args} {params.captions} > {log} 2>&1"
+        "{MICRODIT} models --out {ROOT}/models {params.args} {params.captions} > {log} 2>&1"

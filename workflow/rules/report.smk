@@ -1,11 +1,19 @@
 # Report phase: the resolved config, the rule graph, cost accounting and results/report.html.
 import json as _json
 
+# `snakemake --report results/snakemake-report.html`: Snakemake's own report of this run (outputs
+# marked `report(...)` below and in the other rule files, runtimes, software); results/report.html
+# stays the main one.
+report: "../report/workflow.rst"
+
 
 rule resolved_config:
-    """The merged, validated config the run used (rerun whenever any key changes)."""
+    """The merged, validated config the run used (rerun whenever any key changes).
+
+    A `run:` rule executes inside Snakemake's own process, so it has no conda env (Snakemake would
+    ignore one); it only needs microdit.io, on the path the Snakefile sets up."""
     output:
-        f"{RESULTS}/config.json",
+        report(f"{RESULTS}/config.json", caption="../report/config.rst", category="Configuration"),
     params:
         text=_json.dumps(config, sort_keys=True),
     run:
@@ -15,7 +23,9 @@ rule resolved_config:
 
 
 rule dag:
-    """The rule graph in dot format, drawn by the report (no graphviz needed)."""
+    """The rule graph in dot format, drawn by the report (no graphviz needed).
+
+    Runs Snakemake itself with the driver's Python, so no conda env (snakemake is in none of envs/)."""
     input:
         f"{RESULTS}/config.json",
     output:
@@ -36,7 +46,7 @@ rule cost:
         evals=[f"{RESULTS}/eval/{tag}/metrics.json" for tag in EVAL_TAGS],
         funnel=f"{RESULTS}/data/funnel.json",
     output:
-        f"{RESULTS}/cost.json",
+        report(f"{RESULTS}/cost.json", caption="../report/cost.rst", category="Cost"),
     params:
         c=config["cost"],
     resources:
@@ -45,8 +55,10 @@ rule cost:
         f"{ROOT}/logs/cost.log",
     benchmark:
         f"{ROOT}/benchmarks/cost.tsv"
+    conda:
+        "../../envs/report.yaml",
     shell:
-        "microdit cost --root {ROOT} --results {RESULTS} --config {input.config} --out {output}"
+        "{MICRODIT} cost --root {ROOT} --results {RESULTS} --config {input.config} --out {output}"
         " --price-per-gpu-hour {params.c[price_per_gpu_hour]} --gpu-type {params.c[gpu_type]:q} > {log} 2>&1"
 
 
@@ -57,14 +69,17 @@ rule report:
         cost=f"{RESULTS}/cost.json",
         funnel=f"{RESULTS}/data/funnel.json",
         evals=[f"{RESULTS}/eval/{tag}/metrics.json" for tag in EVAL_TAGS],
+        train=[f"{ROOT}/checkpoints/stage{s}/summary.json" for s in STAGES],  # curves and sample grids
     output:
-        f"{RESULTS}/report.html",
+        report(f"{RESULTS}/report.html", caption="../report/report.rst", category="Report"),
     resources:
         **group_resources("report"),
     log:
         f"{ROOT}/logs/report.log",
     benchmark:
         f"{ROOT}/benchmarks/report.tsv"
+    conda:
+        "../../envs/report.yaml",
     shell:
-        "microdit report --results {RESULTS} --root {ROOT} --config {input.config} --dag {input.dag}"
+        "{MICRODIT} report --results {RESULTS} --root {ROOT} --config {input.config} --dag {input.dag}"
         " --out {output} > {log} 2>&1"

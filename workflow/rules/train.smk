@@ -5,7 +5,7 @@
 STAGES = [1, 2, 3, 4]
 
 wildcard_constraints:
-    stage="[1-4]",
+    stage=constraint("stage", "[1-4]"),
 
 
 def stage_cfg(stage):
@@ -44,6 +44,8 @@ def train_args(wildcards):
         f"--ckpt-every {t['ckpt_every']}", f"--keep {t['keep']}", f"--log-every {t['log_every']}",
         f"--seed {config['seed']}", f"--device {config['device']}",
     ]
+    if not t["patch_mixer"]:
+        args.append("--no-patch-mixer")
     args += [f"--latents {ROOT}/latents/{src}" for src in stage_sources(stage)]
     args.append("--weights " + " ".join(f"{src}={config['sources'][src]['weight']}" for src in stage_sources(stage)))
     if stage > 1:
@@ -70,6 +72,8 @@ rule train:
         unpack(train_inputs),
     output:
         f"{ROOT}/checkpoints/stage{{stage}}/summary.json",
+        samples=report(f"{ROOT}/checkpoints/stage{{stage}}/samples.png", caption="../report/train_samples.rst",
+                       category="Training", subcategory="stage{stage}"),
     params:
         launch=launcher("train"),
         args=train_args,
@@ -80,5 +84,7 @@ rule train:
         f"{ROOT}/logs/train/stage{{stage}}.log",
     benchmark:
         f"{ROOT}/benchmarks/train/stage{{stage}}.tsv"
+    conda:
+        "../../envs/train.yaml",
     shell:
         "{params.launch} train --out {ROOT}/checkpoints/stage{wildcards.stage} {params.args} > {log} 2>&1"
