@@ -56,7 +56,7 @@ def world(tmp_path_factory):
     captions = write_eval_mds(root / "mds" / "shapes_eval")
     models = root / "models"
     tokenizer = zoo.train_caption_tokenizer(captions + ["a photo of a red circle and a blue square"], 320, root / "bpe")
-    args = argparse.Namespace(seed=0, text_dim=16, text_layers=1, clip_image_size=32, fid_input_size=75)
+    args = argparse.Namespace(seed=0, text_dim=16, text_layers=1, text_steps=0, clip_image_size=32, fid_input_size=75)
     zoo.build_text_encoder(models / "text_encoder", tokenizer, args)
     zoo.build_clip(models / "clip", tokenizer, args)
     write_json(models / "clip" / "MODEL_INFO.json", {"role": "clip", "source": "built", "id": "tiny-clip"})
