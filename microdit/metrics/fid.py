@@ -187,7 +187,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, features1: np.ndarray | None = No
         root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
         inner = root @ sigma2 @ root
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    trace_root = np.sqrt(np.clip(eig, 0, None)).sum()
+    # Eigenvalues that are zero in exact arithmetic (rank-deficient S1, or S1 = S2) come out as
+    # rounding noise of either sign, ~1e-16 x the largest; the square root would blow that up to
+    # ~1e-8 (which BLAS build decides), so everything below the solver's precision counts as zero.
+    eig = np.where(eig > eig.max(initial=0.0) * len(eig) * np.finfo(eig.dtype).eps, eig, 0.0)
+    trace_root = np.sqrt(eig).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 
