@@ -136,14 +136,14 @@ def test_url_lists_are_normalised(tmp_path):
                                        'http://x/3.jpg\tthird\textra field\nhttp://x/4.jpg\tfourth\n')
     opts = {"input_format": "auto", "url_col": "url", "caption_col": "caption", "column_names": ["url", "caption"],
             "save_additional_columns": []}
-    path, rows, malformed = normalise_url_list(str(tmp_path / "list.tsv"), tmp_path / "work", opts, 5, 0)
+    path, rows, malformed, _ = normalise_url_list(str(tmp_path / "list.tsv"), tmp_path / "work", opts, 5, 0)
     table = pd.read_parquet(path)
     assert rows == 2 and malformed == 2
     assert table["caption"].tolist() == ['a "quoted" caption', "fourth"]
 
     (tmp_path / "urls.txt").write_text("http://x/1.jpg\nhttp://x/2.jpg\n")
     opts = {**opts, "caption_col": None, "column_names": None}
-    path, rows, _ = normalise_url_list(str(tmp_path / "urls.txt"), tmp_path / "work2", opts, 5, 0)
+    path, rows, _, _ = normalise_url_list(str(tmp_path / "urls.txt"), tmp_path / "work2", opts, 5, 0)
     assert pd.read_parquet(path).to_dict("list") == {"url": ["http://x/1.jpg", "http://x/2.jpg"], "caption": ["", ""]}
 
     with pytest.raises(UserError, match="no caption column 'text'"):

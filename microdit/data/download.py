@@ -6,7 +6,9 @@ through img2dataset, which downloads, checks, resizes and shards; its own `NNNNN
 Other kinds are the paper's archive/hub sources (`microdit.data.sources`), whose fetchers write
 the same layout. Either way `_summary.json` = {"source", "urls", "downloaded", "failed": {reason: n}}
 (plus "kind", "shards"), with urls = downloaded + all failures (a fetcher's archive that cannot be
-read at all counts as one failure); a source that yields no image at all is an error.
+read at all counts as one failure); a source that yields no image at all is an error. A URL list
+row whose text is not UTF-8 is kept, decoded with U+FFFD, and counted in "repaired": one bad byte
+in a caption should not cost its image, let alone the whole list.
 
 img2dataset reads file:// URLs itself (urllib opens them), so local lists need no server.
 """
@@ -28,6 +30,7 @@ from microdit.io import atomic_path, write_json
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 LIST_FORMATS = ("parquet", "tsv", "csv", "txt", "jsonl")
+NOT_UTF8 = "text not utf-8 (replaced)"  # the "repaired" reason of a list row decoded with U+FFFD
 # Columns img2dataset writes itself; an extra column by one of these names is saved as source_<name>.
 RESERVED_COLUMNS = {"key", "caption", "url", "width", "height", "original_width", "original_height",
                     "status", "error_message", "exif", "md5", "sha256", "sha512"}
@@ -139,7 +142,8 @@ def download_url_list(args: argparse.Namespace, opts: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # img2dataset's incremental mode takes every *.json in the folder for a finished shard's stats
     (out / "_summary.json").unlink(missing_ok=True)
-    list_path, rows, malformed = normalise_url_list(args.input, out / "_input", opts, args.timeout, args.retries)
+    list_path, rows, malformed, not_utf8 = normalise_url_list(args.input, out / "_input", opts, args.timeout,
+                                                               args.retries)
     extras = [_saved_name(c) for c in opts["save_additional_columns"]]
 
     expected = math.ceil(rows / args.samples_per_shard)
@@ -167,6 +171,8 @@ def download_url_list(args: argparse.Namespace, opts: dict, out: Path) -> dict:
     if malformed:  # rows the list reader could not parse never reached img2dataset
         summary["urls"] += malformed
         summary["failed"]["malformed row"] = malformed
+    if not_utf8:
+        summary["repaired"] = {NOT_UTF8: not_utf8}
     return summary
 
 
@@ -174,10 +180,11 @@ def _saved_name(column: str) -> str:
     return f"source_{column}" if column in RESERVED_COLUMNS else column
 
 
-def normalise_url_list(location: str, work: Path, opts: dict, timeout: float, retries: int) -> tuple[Path, int, int]:
+def normalise_url_list(location: str, work: Path, opts: dict, timeout: float,
+                       retries: int) -> tuple[Path, int, int, int]:
     """Rewrite any supported list as `<work>/urls.parquet` with columns url, caption (empty when the
     source has none: the contract wants a .txt per sample) and the extra columns.
-    Returns (path, rows, malformed rows skipped)."""
+    Returns (path, rows, malformed rows skipped, rows whose text was not UTF-8)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -198,20 +205,46 @@ def normalise_url_list(location: str, work: Path, opts: dict, timeout: float, re
                             "set --opt url_col/caption_col, or column_names for a list without a header")
         return table[name]
 
-    url = pc.fill_null(column(opts["url_col"], "url").cast(pa.string()), "")
+    not_utf8: set[int] = set()
+    url = pc.fill_null(_as_text(column(opts["url_col"], "url"), not_utf8), "")
     if opts["caption_col"] is not None:
-        caption = pc.fill_null(column(opts["caption_col"], "caption").cast(pa.string()), "")
+        caption = pc.fill_null(_as_text(column(opts["caption_col"], "caption"), not_utf8), "")
     else:
         caption = pa.array([""] * table.num_rows, pa.string())
     columns = {"url": url, "caption": caption}
     for name in opts["save_additional_columns"]:
-        columns[_saved_name(name)] = column(name, "extra")
+        extra = column(name, "extra")
+        columns[_saved_name(name)] = _as_text(extra, not_utf8) if _is_binary(extra.type) else extra
     if table.num_rows == 0:
         raise UserError(f"{location}: the URL list is empty")
     out = work / "urls.parquet"
     with atomic_path(out) as tmp:
         pq.write_table(pa.table(columns), tmp)
-    return out, table.num_rows, malformed
+    return out, table.num_rows, malformed, len(not_utf8)
+
+
+def _is_binary(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+
+
+def _as_text(values, not_utf8: set[int]):
+    """A column as strings. The csv reader gives a column holding invalid UTF-8 as binary, which
+    `cast(string)` rejects (ArrowInvalid): decode it value by value with U+FFFD instead, noting
+    the rows that needed it."""
+    import pyarrow as pa
+
+    if not _is_binary(values.type):
+        return values.cast(pa.string())
+    texts = []
+    for row, value in enumerate(values.to_pylist()):
+        try:
+            texts.append(None if value is None else value.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(value.decode("utf-8", errors="replace"))
+            not_utf8.add(row)
+    return pa.chunked_array([pa.array(texts, pa.string())])
 
 
 def _format_from_name(name: str) -> str:

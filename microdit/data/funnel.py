@@ -29,6 +29,8 @@ def source_funnel(root: Path, source: str, raw_source: str | None = None) -> dic
         "downloaded": raw.get("downloaded"),
         "download_failed": raw.get("failed", {}),
     }
+    if raw.get("repaired"):  # kept, but changed on the way in (e.g. captions that were not UTF-8)
+        funnel["download_repaired"] = raw["repaired"]
     if raw_source and raw_source != source:
         funnel["raw_from"] = raw_source
     captions = _maybe(root / "captions" / f"{source}.stats.json")

@@ -16,7 +16,11 @@ loader reads the other's data (all float16 arrays stored as raw bytes, C order):
 The shapes live in `_summary.json` ("latent_shape", "caption_shape"), which the loader reads.
 
 Resumable and parallel by construction: input shard i becomes output part `part-0000i/` (its own
-MDS index, written in a temp dir and renamed when complete). A rerun skips finished parts; under
+MDS index, written in a temp dir and renamed when complete). A rerun skips a finished part only
+if it was made from the same bytes: the input shard's xxh3 (from the MDS index) and a digest of
+the VAE's and text encoder's files are part of its identity, so a rebuilt MDS shard or a retrained
+model makes its parts again. An input shard whose bytes no longer match the xxh3 its index
+recorded is an error naming it, before anything is encoded from it. Under
 torchrun rank r takes the parts with i % world_size == r on its own GPU, and rank 0 merges the
 parts' indexes into `<out>/index.json` once all parts exist.
 """
@@ -29,7 +33,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +41,7 @@ import torch
 from PIL import Image
 
 from microdit.cli import UserError
+from microdit.data.shard_hash import SHARD_HASH, file_xxh3, shard_matches
 from microdit.io import read_json, write_json
 
 PART_META = "_part.json"
@@ -119,6 +124,7 @@ class Encoders:
     device: torch.device
     dtype: torch.dtype
     posterior: str = "sample"
+    digests: dict = field(default_factory=dict)  # {"vae": ..., "text_encoder": ...}: model_digest of each
 
     @property
     def scaling_factor(self) -> float:
@@ -175,7 +181,27 @@ def load_encoders(vae_path: str | os.PathLike, text_encoder_path: str | os.PathL
     vae_dir = Path(vae_path) / "vae" if (Path(vae_path) / "vae" / "config.json").is_file() else Path(vae_path)
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype).to(dev).eval().requires_grad_(False)
     text_encoder = TextEncoder.from_pretrained(text_encoder_path, device=dev, dtype=torch_dtype)
-    return Encoders(vae=vae, text_encoder=text_encoder, device=dev, dtype=torch_dtype, posterior=posterior)
+    digests = {"vae": model_digest(vae_dir), "text_encoder": model_digest(text_encoder_path)}
+    return Encoders(vae=vae, text_encoder=text_encoder, device=dev, dtype=torch_dtype, posterior=posterior,
+                    digests=digests)
+
+
+def model_digest(directory: str | os.PathLike) -> str:
+    """xxh3-128 of every file of a model directory (names and bytes), so retrained weights or a new
+    tokenizer give new latents. MODEL_INFO.json is left out: it records when, not what."""
+    import xxhash
+
+    directory = Path(directory)
+    digest = xxhash.xxh3_128()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory)
+        if name.as_posix() == "MODEL_INFO.json" or any(part.startswith(".") for part in name.parts):
+            continue  # provenance, and hidden download/cache debris
+        digest.update(f"{name.as_posix()}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- input shards
@@ -196,29 +222,49 @@ def input_shards(mds_dir: str | os.PathLike) -> list[dict]:
     return shards
 
 
-def open_shard(mds_dir: Path, shard: dict, scratch: Path):
-    """An MDSReader for one shard; a compressed shard is decompressed into `scratch` first."""
-    from streaming.base.compression import decompress
-    from streaming.base.format import reader_from_json
-
+def shard_file(mds_dir: Path, shard: dict) -> tuple[Path, dict]:
+    """The file an input shard is read from (raw, else compressed) and the info of that file."""
     raw = mds_dir / shard["raw_data"]["basename"]
     if raw.is_file():
-        return reader_from_json(str(mds_dir), None, shard)
+        return raw, shard["raw_data"]
     zipped = shard.get("zip_data")
     if not zipped or not (mds_dir / zipped["basename"]).is_file():
         raise UserError(f"input shard {raw} listed in {mds_dir / 'index.json'} is missing: rerun `microdit mds`")
+    return mds_dir / zipped["basename"], zipped
+
+
+def input_digest(mds_dir: Path, shard: dict) -> str:
+    """What an input shard's content is known by: the xxh3 its index recorded, else its file's."""
+    path, info = shard_file(mds_dir, shard)
+    return (info.get("hashes") or {}).get(SHARD_HASH) or file_xxh3(path)
+
+
+def open_shard(mds_dir: Path, shard: dict, scratch: Path):
+    """An MDSReader for one shard, checked against the xxh3 its index recorded; a compressed
+    shard is decompressed into `scratch` first."""
+    from streaming.base.compression import decompress
+    from streaming.base.format import reader_from_json
+
+    path, info = shard_file(mds_dir, shard)
+    if not shard_matches(path, info.get("hashes")):
+        raise UserError(f"input shard {path} does not match the {SHARD_HASH} in {mds_dir / 'index.json'} "
+                        f"(changed or damaged after the mds stage wrote it): delete {mds_dir} and rerun the mds stage")
+    if path == mds_dir / shard["raw_data"]["basename"]:
+        return reader_from_json(str(mds_dir), None, shard)
     target = scratch / shard["raw_data"]["basename"]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(decompress(shard["compression"], (mds_dir / zipped["basename"]).read_bytes()))
+    target.write_bytes(decompress(shard["compression"], path.read_bytes()))
     return reader_from_json(str(scratch), None, shard)
 
 
 # ---------------------------------------------------------------- one part
 
 
-def _part_identity(shard: dict, encoders: Encoders, resolutions: list[int], seed: int) -> dict:
-    """What a finished part must have been made from for a rerun to reuse it."""
+def _part_identity(shard: dict, source_digest: str, encoders: Encoders, resolutions: list[int], seed: int) -> dict:
+    """What a finished part must have been made from for a rerun to reuse it: the input's bytes,
+    the models' files and the settings."""
     return {"source_shard": shard["raw_data"]["basename"], "source_samples": shard["samples"],
+            "source_xxh3": source_digest, "models": dict(encoders.digests),
             "resolutions": list(resolutions), "posterior": encoders.posterior, "seed": seed,
             "latent_shape": [encoders.latent_shape(r) for r in resolutions],
             "scaling_factor": encoders.scaling_factor, "caption_dim": int(encoders.text_encoder.dim)}
@@ -251,24 +297,40 @@ def encode_part(index: int, shard: dict, mds_dir: Path, out_dir: Path, encoders:
                 image_column: str = "image", caption_column: str = "caption",
                 on_batch: Callable[[int], None] | None = None) -> dict:
     """Encode input shard `index` into `out_dir/part-<index>/`; returns the part's counts."""
-    from streaming import MDSWriter
-
-    identity = _part_identity(shard, encoders, resolutions, seed)
+    identity = _part_identity(shard, input_digest(mds_dir, shard), encoders, resolutions, seed)
     final = out_dir / part_name(index)
     if part_is_complete(final, identity):
         return read_json(final / PART_META)
-    if final.exists():  # made from other input or settings: redo it
+    if final.exists():  # made from other input, models or settings: redo it
         shutil.rmtree(final)
 
     tmp = out_dir / f".{part_name(index)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        counts = _write_part(index, shard, mds_dir, tmp, encoders, resolutions, identity, batch_size=batch_size,
+                             workers=workers, seed=seed, image_column=image_column,
+                             caption_column=caption_column, on_batch=on_batch)
+        write_json(tmp / PART_META, {**identity, **counts})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: give back the space of the half part
+        raise
+    os.replace(tmp, final)  # the part exists only once it is complete
+    return read_json(final / PART_META)
+
+
+def _write_part(index: int, shard: dict, mds_dir: Path, tmp: Path, encoders: Encoders, resolutions: list[int],
+                identity: dict, *, batch_size: int, workers: int, seed: int, image_column: str,
+                caption_column: str, on_batch: Callable[[int], None] | None) -> dict:
+    """Encode one input shard into the MDS dataset `tmp`; returns its counts."""
+    from streaming import MDSWriter
+
     columns = {"key": "str", "caption": "str", CAPTION_COLUMN: "bytes"}
     columns.update({latent_column(r): "bytes" for r in resolutions})
     counts = {"input": 0, "encoded": 0, "failed": {}}
     # The posterior noise comes from a CPU generator seeded per part: identical on CPU and GPU,
     # and identical whichever rank or rerun encodes the part.
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".scratch-") as scratch:
+    with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".scratch-") as scratch:
         reader = open_shard(mds_dir, shard, Path(scratch))
         for column in (image_column, caption_column):
             if column not in reader.column_names:
@@ -279,7 +341,7 @@ def encode_part(index: int, shard: dict, mds_dir: Path, out_dir: Path, encoders:
                                               collate_fn=_collate)
         # xxh3 of every shard in index.json: what a training stage's fingerprint knows the data by
         writer = MDSWriter(out=str(tmp), columns=columns, compression=None, size_limit=SHARD_SIZE_LIMIT,
-                           hashes=["xxh3_64"], exist_ok=True)
+                           hashes=[SHARD_HASH], exist_ok=True)
         for items in batches:
             counts["input"] += len(items)
             good = [it for it in items if "failed" not in it]
@@ -293,9 +355,7 @@ def encode_part(index: int, shard: dict, mds_dir: Path, out_dir: Path, encoders:
             if on_batch is not None:
                 on_batch(len(items))
         writer.finish()
-    write_json(tmp / PART_META, {**identity, **counts})
-    os.replace(tmp, final)  # the part exists only once it is complete
-    return read_json(final / PART_META)
+    return counts
 
 
 # ---------------------------------------------------------------- ranks and merge

@@ -12,6 +12,10 @@ The loader zeroes the dropped captions itself (the mask is returned for logging)
 sample's caption is dropped is a pure function of (seed, epoch, sample id), so a resumed run
 drops exactly what the uninterrupted run would have; an up-sampled sample seen twice in one
 epoch gets the same decision both times.
+
+Each shard is checked against the xxh3 its index.json recorded the first time a process reads
+from it (bytes changed on disk after the latents stage must not train silently); a mismatch is
+a `DamagedShard` error naming the shard, raised before any of its samples is used.
 """
 from __future__ import annotations
 
@@ -33,6 +37,34 @@ def caption_dropped(seed: int, epoch: int, sample_id: int, p: float) -> bool:
     if p <= 0.0:
         return False
     return bool(np.random.default_rng([seed, epoch, sample_id]).random() < p)
+
+
+class DamagedShard(UserError):
+    """A latents shard whose bytes no longer match its index.json."""
+
+    # torch re-raises an error from a loader worker as `type(message=<its traceback text>)` when
+    # the type has this attribute; we keep only our own line of that text
+    message = "damaged shard"
+
+    def __init__(self, line: str = "", *, message: str | None = None):
+        if message is not None:
+            line = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(line)
+
+
+def check_shard(shard) -> None:
+    """Fail with `DamagedShard` if a streaming shard reader's file no longer matches its index."""
+    from microdit.data.shard_hash import shard_matches
+
+    for raw_info, zip_info in shard.file_pairs:
+        raw = Path(shard.dirname, shard.split or "", raw_info.basename)
+        path, info = (raw, raw_info) if raw.is_file() or zip_info is None else \
+            (Path(shard.dirname, shard.split or "", zip_info.basename), zip_info)
+        if path.is_file() and not shard_matches(path, info.hashes):
+            source = Path(shard.dirname)
+            raise DamagedShard(f"latents shard {path} does not match the xxh3 in {source / 'index.json'} (changed or "
+                               f"damaged after the latents stage wrote it): delete {path.parent} and "
+                               f"{source / '_summary.json'} and rerun the latents stage (only that part is redone)")
 
 
 def source_layout(source: str | os.PathLike, resolution: int) -> tuple[list[int], list[int]]:
@@ -66,6 +98,7 @@ def _streaming_dataset_class():
             self.caption_drop = caption_drop
             self.drop_seed = drop_seed
             self.epoch = 0
+            self.checked_shards: set[int] = set()  # per process: each loader worker checks its own
 
         def _resume_incr_epoch(self) -> tuple[int, int]:
             # Each worker learns here which epoch it is iterating; the caption drop depends on it.
@@ -74,6 +107,10 @@ def _streaming_dataset_class():
             return epoch, sample_in_epoch
 
         def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
+            shard_id, _ = self.spanner[sample_id]
+            if shard_id not in self.checked_shards:
+                check_shard(self.shards[shard_id])
+                self.checked_shards.add(shard_id)
             sample = super().get_item(sample_id, retry)
             latents = np.frombuffer(sample[self.column], np.float16).reshape(self.latent_shape)
             captions = np.frombuffer(sample["caption_latents"], np.float16).reshape(self.caption_shape)

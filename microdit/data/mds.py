@@ -6,12 +6,18 @@ an image whose short side is below `--min-size` is dropped and one whose short s
 `--max-size` is downscaled to it (bicubic, like the official converter). A JPEG that needs no
 resize is stored byte for byte; anything else is encoded once at `--quality`.
 
-One dropped reason per image, checked in this order: corrupt -> too_small -> no_caption ->
-empty_caption. Counts go to `<out>/_summary.json` {input, written, dropped, ...}.
+One dropped reason per image, checked in this order: empty_file -> corrupt -> too_small ->
+no_caption -> empty_caption. Samples a truncated tar lost (never read back) count as
+truncated_shard: how many the download wrote (its `NNNNN_stats.json`) minus how many were read,
+and at least the sample cut short. Counts go to `<out>/_summary.json` {input, written, dropped,
+...} with input = written + every dropped count.
 
 Each tar shard becomes its own MDS directory in `<out>.parts/` (atomic, so a rerun skips the
 finished ones; `--workers` convert several at once). At the end the parts move into a temp
-dir, streaming's `merge_index` joins their indexes, and the whole dir is renamed to `<out>`.
+dir, streaming's `merge_index` joins their indexes, and the whole dir is renamed to `<out>`;
+if that fails (a full disk) the parts move back, so the rerun only merges.
+
+Every MDS shard's xxh3_64 goes into index.json; `shard_hash.shard_matches` is how readers check it.
 """
 from __future__ import annotations
 
@@ -28,10 +34,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from microdit.cli import UserError
+from microdit.data.shard_hash import SHARD_HASH
 from microdit.data.webdataset import ReadStats, Sample, iter_samples, list_shards, shard_keys
 from microdit.io import read_json, write_json
 
-DROP_REASONS = ("corrupt", "too_small", "no_caption", "empty_caption")
+DROP_REASONS = ("empty_file", "corrupt", "too_small", "no_caption", "empty_caption", "truncated_shard")
+CAPTION_COLUMNS = ("key", "caption")  # of the `microdit caption` parquet
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
 
 
@@ -60,8 +68,10 @@ class CaptionLookup:
         if captions is not None:
             import pandas as pd
 
-            filters = [("key", "in", sorted(keys))] if keys else None
-            frame = pd.read_parquet(captions, columns=["key", "caption"], filters=filters)
+            # pushing the key filter down needs string keys; other key types are read whole
+            text_keys = check_captions_parquet(captions)
+            filters = [("key", "in", sorted(keys))] if keys and text_keys else None
+            frame = pd.read_parquet(captions, columns=list(CAPTION_COLUMNS), filters=filters)
             self.table = dict(zip(frame["key"].astype(str), frame["caption"]))
         self.json_field = field[5:] if field.startswith("json:") else None
 
@@ -73,6 +83,24 @@ class CaptionLookup:
         else:
             found = sample.caption
         return None if found is None or (isinstance(found, float) and found != found) else str(found)
+
+
+def check_captions_parquet(path: str | os.PathLike) -> bool:
+    """Fail in one line unless `path` is a parquet with the columns `microdit caption` writes;
+    returns whether its keys are strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a non-parquet file
+        raise UserError(f"{path}: cannot read it as parquet ({e}); rerun `microdit caption`") from None
+    missing = [c for c in CAPTION_COLUMNS if c not in schema.names]
+    if missing:
+        raise UserError(f"{path}: captions parquet has columns {schema.names}, expected {list(CAPTION_COLUMNS)} "
+                        f"(missing {missing}); rerun `microdit caption` or rename the columns")
+    key_type = schema.field("key").type
+    return pa.types.is_string(key_type) or pa.types.is_large_string(key_type)
 
 
 def decode(data: bytes) -> tuple[Image.Image, bool] | None:
@@ -119,11 +147,11 @@ def convert_shard(shard: str, part: str, opts: dict) -> dict:
     columns = {"key": "str", "image": opts["image_format"], "caption": "str", "width": "int32", "height": "int32"}
     reader = ReadStats()
     counts = {"input": 0, "written": 0, "dropped": dict.fromkeys(DROP_REASONS, 0), "resized": 0, "jpeg_passthrough": 0}
-    work = Path(tempfile.mkdtemp(prefix=f".{part.name}.", suffix=".tmp", dir=part.parent))
+    work = make_work_dir(part)
     try:
         stage = JpegStager(work)
         with MDSWriter(out=str(work / "mds"), columns=columns, compression=None, size_limit=opts["shard_size"],
-                       hashes=["xxh3_64"]) as writer:
+                       hashes=[SHARD_HASH]) as writer:
             for sample in iter_samples(shard, reader):
                 counts["input"] += 1
                 reason, row = _prepare(sample, caption_of, opts, resample, counts, stage)
@@ -133,6 +161,9 @@ def convert_shard(shard: str, part: str, opts: dict) -> dict:
                 writer.write(row)
                 row["image"].close()
                 counts["written"] += 1
+        lost = lost_to_truncation(shard, reader)
+        counts["dropped"]["truncated_shard"] += lost
+        counts["input"] += lost
         counts["reader"] = reader.as_dict()
         counts["shard_stat"] = _stat(shard)
         write_json(work / "mds" / "_counts.json", counts)
@@ -147,6 +178,8 @@ def convert_shard(shard: str, part: str, opts: dict) -> dict:
 def _prepare(sample: Sample, caption_of: CaptionLookup, opts: dict, resample: int, counts: dict,
              stage: JpegStager) -> tuple[str | None, dict | None]:
     """(drop reason, None) or (None, the MDS row) for one sample."""
+    if not sample.image:
+        return "empty_file", None
     decoded = decode(sample.image)
     if decoded is None:
         return "corrupt", None
@@ -174,6 +207,29 @@ def _prepare(sample: Sample, caption_of: CaptionLookup, opts: dict, resample: in
                   "width": stored.width, "height": stored.height}
 
 
+def lost_to_truncation(shard: Path, reader: ReadStats) -> int:
+    """Samples of a truncated `shard` that were never read: what the download says it wrote
+    (`NNNNN_stats.json` beside the tar) minus what came back, and at least the one cut short."""
+    if shard.name not in reader.truncated_shards:
+        return 0
+    stats = shard.with_name(f"{shard.stem}_stats.json")
+    try:
+        written = int(read_json(stats)["successes"]) if stats.is_file() else 0
+    except (ValueError, KeyError, TypeError):  # a damaged stats file: fall back to what we know
+        written = 0
+    return max(written - reader.samples - reader.no_image, reader.cut_samples)
+
+
+def make_work_dir(beside: Path) -> Path:
+    """A fresh temp dir next to `beside`, with the mode a plain mkdir gives: mkdtemp makes it 0700,
+    and the dir becomes the stage's output, which others on a shared filesystem must read."""
+    work = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)
+    return work
+
+
 def _stat(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
@@ -196,6 +252,8 @@ def convert_source(args: argparse.Namespace) -> dict:
         raise UserError(f"--caption-field {args.caption_field!r}: use `txt` or `json:<field>`, e.g. json:caption")
     if args.captions is not None and not Path(args.captions).is_file():
         raise UserError(f"{args.captions}: captions parquet not found; run `microdit caption` first")
+    if args.captions is not None:
+        check_captions_parquet(args.captions)  # here, once, rather than in every worker
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality {args.quality}: use 1..100")
     opts = {k: getattr(args, k) for k in
@@ -238,14 +296,20 @@ def convert_source(args: argparse.Namespace) -> dict:
                         "check the download and the captions")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    work = make_work_dir(out)
+    kept = [stem for stem, counts in results.items() if counts["written"]]
     try:
-        kept = [stem for stem, counts in results.items() if counts["written"]]
         for stem in kept:
             os.replace(parts / stem, work / stem)
         merge_index([str(work / stem / "index.json") for stem in kept], str(work))
         write_json(work / "_summary.json", summary)
         _swap_into_place(work, out)
+    except BaseException:
+        # a full disk or a kill while merging: the converted parts stay for the rerun
+        for stem in kept:
+            if (work / stem).is_dir():
+                os.replace(work / stem, parts / stem)
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(parts, ignore_errors=True)
@@ -281,7 +345,12 @@ def _swap_into_place(new: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -3,7 +3,8 @@
 A sample is the run of consecutive tar members sharing a key: `<key>.jpg` (or png/webp),
 `<key>.txt` (caption) and `<key>.json` (metadata). Bad input never stops a whole source:
 - a truncated or garbled shard yields the samples completed before the damage, then stops
-  and is listed in `ReadStats.truncated_shards`;
+  and is listed in `ReadStats.truncated_shards`; the sample it was reading when the damage came
+  is dropped and counted in `cut_samples` (samples after it are not seen at all);
 - a member that cannot be decoded (non-UTF-8 caption, malformed json) is skipped and counted;
 - a key without an image member is skipped and counted.
 Image bytes are handed over undecoded: whether they are a valid image is the caller's call.
@@ -39,6 +40,7 @@ class ReadStats:
     truncated_shards: list[str] = field(default_factory=list)
     bad_members: int = 0
     no_image: int = 0
+    cut_samples: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +89,7 @@ def iter_shard(path: str | os.PathLike, stats: ReadStats) -> Iterator[Sample]:
                 yield sample
     else:
         stats.truncated_shards.append(path.name)
+        stats.cut_samples += group_key is not None
 
 
 def shard_keys(path: str | os.PathLike) -> set[str]:

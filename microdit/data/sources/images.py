@@ -44,6 +44,8 @@ class ImageOptions:
 
 
 def prepare_image(data: bytes, opts: ImageOptions) -> PreparedImage:
+    if not data:
+        raise BadImage("empty file")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # decode now: a truncated or garbled file fails here, not downstream

@@ -37,6 +37,9 @@ _REASON_PATTERNS = [
      r"|is a directory", "dead url"),
     (r"connection reset|remote end closed|connection aborted|incompleteread|broken pipe", "connection error"),
     (r"certificate verify failed|ssl", "ssl error"),
+    # img2dataset hands a zero-byte body to OpenCV, whose assertion text is no reason to show
+    (r"!buf\.empty\(\)", "empty file"),
+    (r"opencv\(.*error:", "corrupt image"),
     (r"image decoding error|cannot identify image|image file is truncated|broken data stream|not a jpeg"
      r"|decoder|truncated file read", "corrupt image"),
     (r"x-robots-tag", "disallowed by x-robots-tag"),
