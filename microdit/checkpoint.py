@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Mapping
@@ -30,6 +31,34 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 ANCHOR_KEY = "x_embedder.proj.weight"
 # Where training frameworks nest the weights, in the order we look (training weights before EMA).
 WRAPPER_KEYS = ("state", "model", "state_dict", "module", "ema", "ema_state_dict")
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write a .safetensors file atomically, with the modes the umask gives, byte-identical for identical
+    tensors and metadata: safetensors writes its metadata in a per-process random order (and 0600)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _sort_safetensors_metadata(tmp)
+
+
+def _sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite the header in place with `__metadata__` in key order (same length: only the order moves)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        header = {"__metadata__": header.pop("__metadata__"), **header}  # the tensors keep their order
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # cannot happen for a compact header; leave the valid file as it is
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces
 
 
 class CheckpointError(UserError, ValueError):
@@ -157,16 +186,14 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
     """Write `config.json` and `model.safetensors` into `directory` (each file atomically)."""
-    from safetensors.torch import save_file
-
     model = _unwrap(model)
     config = getattr(model, "config", None)
     if not isinstance(config, dict) or "architecture" not in config:
         raise ValueError("model has no `config` naming its architecture; build it with microdit.models")
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "architecture": str(config["architecture"])})
+    meta = {"format": "pt", "architecture": str(config["architecture"])}
+    save_safetensors(state, directory / WEIGHTS_NAME, metadata=meta)
     write_json(directory / CONFIG_NAME, config)  # written last: its presence marks a complete save
     return directory
 

@@ -46,17 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"microdit: unknown command '{name}'\n\n{_help()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"microdit {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = None
     try:
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"microdit {name}", description=COMMANDS[name][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        print(f"microdit {name}: interrupted", file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"microdit {name}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
         print(f"microdit {name}: error: missing file: {e.filename or e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from microdit.io import space_errno, space_message
+
+        where = getattr(args, "out", None)
+        number = space_errno(e, where)
+        if number is None:
+            raise
+        # the error's own path when it has one, else the command's output: the filesystem that is full
+        path = e.filename if isinstance(e, OSError) and e.errno == number else None
+        print(f"microdit {name}: error: {space_message(number, path or where or 'the device')}", file=sys.stderr)
         return 2
 
 

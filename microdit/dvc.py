@@ -130,7 +130,7 @@ PERSIST = {"train"}  # checkpoints survive a rerun: a killed stage resumes, a ch
 
 TRAIN_KEYS = ("train.model", "train.patch_mixer", "train.caption_channels", "train.micro_batch", "train.ema_decay",
               "train.moe_lr_scale", "train.compile", "train.fsdp", "train.ckpt_every", "train.keep",
-              "train.log_every", "train.sample_prompts")
+              "train.keep_superseded", "train.log_every", "train.sample_prompts")
 EVALUATE_KEYS = ("evaluate.num_images", "evaluate.steps", "evaluate.guidance", "evaluate.batch_size",
                  "evaluate.geneval_prompts", "evaluate.geneval_per_task", "evaluate.geneval_images_per_prompt",
                  "evaluate.fid_256")

@@ -13,11 +13,15 @@ Everything a stage writes lives under `--out`:
     final/                            config.json, model.safetensors (+ ema.safetensors)
     samples.png, samples.json         a sample grid on fixed prompts (with --vae and --text-encoder)
     summary.json                      written last: its presence means the stage is complete
-Rerunning the same command resumes from the newest checkpoint. SIGTERM or SIGUSR1 (Slurm
-preemption) finishes the current step, saves a checkpoint and exits with code 143 so the job is
-rerun. Resumption is exact: the data order lives in the loader's state, and every random draw of
-the loss (noise level, noise, patch mask) comes from a generator re-seeded from (seed, step,
-micro-batch), so the resumed loss curve equals the uninterrupted one.
+    train.lock                        flock'ed by the one trainer running here (a second is refused)
+    ckpt.superseded/<run>/            earlier runs with other settings (all of the above), resumable
+Rerunning the same command resumes from the newest checkpoint that reads back (a truncated one is
+skipped, with a note); rerunning with the settings of a superseded run resumes that run. SIGTERM,
+SIGUSR1 (Slurm preemption) or Ctrl-C finishes the current step, saves a checkpoint and exits with
+code 143 so the job is rerun; the trainer gets SIGTERM when its parent process dies. Resumption
+is exact: the data order lives in the loader's state, and every random draw of the loss (noise
+level, noise, patch mask) comes from a generator re-seeded from (seed, step, micro-batch), so the
+resumed loss curve equals the uninterrupted one.
 
 Where we differ from the released code, on purpose and behind flags:
   * `--ema` (default on): the 512 px configs ask for an EMA of the weights (composer's EMA
@@ -47,14 +51,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from microdit.cli import UserError
-from microdit.io import atomic_path, read_json, write_json
+from microdit.checkpoint import save_safetensors
+from microdit.io import atomic_path, naming_full_disk, read_json, write_json
 
 EXIT_RESUMABLE = 143  # stopped early with a checkpoint saved: rerun the same command to continue
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}  # dense bf16, per GPU
@@ -62,6 +67,10 @@ METRIC_FIELDS = ("step", "loss", "lr", "grad_norm", "images_per_s", "mfu", "time
 CKPT_DIR = re.compile(r"^step-(\d+)$")
 MODEL_FILE, EMA_FILE, CONFIG_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "config.json", "train_state.pt"
 RUN_FILE = "run.json"  # beside each checkpoint: what defines the run (see run_fingerprint)
+LOCK_FILE = "train.lock"  # flock'ed by the one trainer writing --out (holds its pid; empty when none runs)
+SUPERSEDED_DIR = "ckpt.superseded"  # <fingerprint key>/: earlier runs with other settings, resumable
+# What one run writes into --out; a superseded run takes all of it along, so nothing mixes two runs.
+RUN_OUTPUTS = ("ckpt", "final", "summary.json", "samples.png", "samples.json", "metrics.jsonl", "metrics.csv", "tb")
 # Flags that define a stage's trajectory; a checkpoint made with other values belongs to another run.
 # Not here, so a rerun may change them and resume: --steps under a constant schedule (train longer),
 # micro-batch, devices, compile/FSDP, checkpoint and logging cadence, sample prompts.
@@ -227,13 +236,11 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def write_model_dir(directory: Path, config: dict, state: dict[str, torch.Tensor],
                     ema_state: dict[str, torch.Tensor] | None) -> None:
     """`config.json` + `model.safetensors` (+ `ema.safetensors`): what `MicroDiT.from_pretrained` reads."""
-    from safetensors.torch import save_file
-
     meta = {"format": "pt", "architecture": str(config["architecture"])}
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / MODEL_FILE), metadata=meta)
+    save_safetensors({k: v.contiguous() for k, v in state.items()}, directory / MODEL_FILE, metadata=meta)
     if ema_state is not None:
-        save_file({k: v.contiguous() for k, v in ema_state.items()}, str(directory / EMA_FILE), metadata=meta)
+        save_safetensors({k: v.contiguous() for k, v in ema_state.items()}, directory / EMA_FILE, metadata=meta)
     write_json(directory / CONFIG_FILE, config)
 
 
@@ -242,6 +249,24 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A temp dir beside `final` that replaces it once the block has written it completely.
+
+    A failed write (a full disk, a kill) removes the temp dir: no half-written `final` ever exists,
+    what was there before stays, and a full disk is reported naming `final`'s directory."""
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        with naming_full_disk(final.parent):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
 
 
 def run_fingerprint(args: argparse.Namespace, model_config: dict, latent_size: int) -> dict[str, Any]:
@@ -292,13 +317,100 @@ def fingerprint_changes(saved: dict, wanted: dict) -> list[str]:
     return changes
 
 
-def set_aside(out: Path) -> Path:
-    """Move a superseded run's checkpoints to ckpt.superseded/ (replacing older ones), not delete them."""
-    aside = out / "ckpt.superseded"
-    if aside.exists():
-        shutil.rmtree(aside)
-    os.replace(out / "ckpt", aside)
-    return aside
+def fingerprint_key(fingerprint: dict | None) -> str:
+    """A short name for a run: the hash of its fingerprint (a checkpoint without one gets the time)."""
+    if fingerprint is None:
+        return f"unknown-{time.strftime('%Y%m%d-%H%M%S')}"
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def set_aside(out: Path, fingerprint: dict | None) -> Path:
+    """Move the current run (its checkpoints, final weights, summary, metrics, samples) to
+    ckpt.superseded/<fingerprint key>/, where a rerun with its settings finds it again."""
+    entry = out / SUPERSEDED_DIR / fingerprint_key(fingerprint)
+    tmp = entry.with_name(f".{entry.name}.tmp")
+    for stale in (tmp, entry):  # an entry with the same key is an older copy of this very run
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
+    for name in RUN_OUTPUTS:
+        if (out / name).exists():
+            os.replace(out / name, tmp / name)
+    write_json(tmp / RUN_FILE, {"fingerprint": fingerprint, "set_aside": time.time()})
+    os.replace(tmp, entry)
+    return entry
+
+
+def superseded_runs(out: Path) -> list[tuple[float, Path, dict | None]]:
+    """(when set aside, entry, fingerprint) of each run under ckpt.superseded/, oldest first."""
+    runs = []
+    for entry in (out / SUPERSEDED_DIR).glob("*"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            info = read_json(entry / RUN_FILE)
+            runs.append((float(info["set_aside"]), entry, info["fingerprint"]))
+    return sorted(runs, key=lambda run: run[0])
+
+
+def restore_superseded(out: Path, fingerprint: dict) -> Path | None:
+    """Move the superseded run with this fingerprint back into `out`; its entry, or None if there is none.
+
+    `out` holds no checkpoint here (the current run was set aside, or never saved one), so what of
+    a run lies there (metrics of a run killed before its first checkpoint) is replaced."""
+    match = next((entry for _, entry, saved in reversed(superseded_runs(out))
+                  if saved is not None and not fingerprint_changes(saved, fingerprint)), None)
+    if match is None:
+        return None
+    for name in RUN_OUTPUTS:
+        left = out / name
+        if left.is_dir():
+            shutil.rmtree(left)
+        elif left.exists():
+            left.unlink()
+        if (match / name).exists():
+            os.replace(match / name, left)
+    shutil.rmtree(match)
+    return match
+
+
+def prune_superseded(out: Path, keep: int) -> None:
+    """Keep the `keep` most recently superseded runs."""
+    runs = superseded_runs(out)
+    for _, entry, _ in runs[: max(len(runs) - keep, 0)]:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def run_changes(out: Path, fingerprint: dict, wanted_model: dict) -> tuple[list[str], dict | None] | None:
+    """How the run in out/ckpt differs from this one, and its fingerprint; None when it holds no checkpoint."""
+    for _, directory in reversed(checkpoints(out)):
+        try:
+            if (directory / RUN_FILE).is_file():
+                saved = read_json(directory / RUN_FILE)["fingerprint"]
+                return fingerprint_changes(saved, fingerprint), saved
+            # from before fingerprints were recorded: only the architecture is known
+            return fingerprint_changes({"model": read_json(directory / CONFIG_FILE)}, {"model": wanted_model}), None
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable: resuming falls back past it as well
+    return None
+
+
+def describe_changes(changes: list[str]) -> str:
+    return "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
+
+
+def switch_runs(out: Path, fingerprint: dict, current: tuple[list[str], dict | None] | None, keep: int) -> str | None:
+    """Make out/ hold this fingerprint's run: set another run aside and bring back a superseded run
+    with these settings (settings A -> B -> A resumes A). Returns a note for the log."""
+    if current is not None and not current[0]:
+        return None  # the same run: resume it
+    aside = set_aside(out, current[1]) if current is not None else None
+    back = restore_superseded(out, fingerprint)
+    prune_superseded(out, keep)
+    if aside is None:
+        return f"note: resuming the earlier run with these settings, kept in {back}" if back else None
+    then = f"the earlier run with these settings resumes (kept in {back})" if back else "this stage starts afresh"
+    where = f"moved to {aside}" if aside.exists() else "deleted (--keep-superseded 0)"
+    return (f"note: {out / 'ckpt'} held another run's checkpoints ({describe_changes(current[0])}); {then} and "
+            f"they were {where}")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -311,19 +423,66 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+@dataclass
+class Resumed:
+    """A checkpoint read back whole: where it is, the model config, train state and weights."""
+    directory: Path
+    config: dict
+    train_state: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+
+
+def read_checkpoint(directory: Path, ema: bool) -> Resumed:
+    from microdit.checkpoint import read_state_dict
+
+    # mmap: the processes of one node share the pages instead of each holding a copy
+    train_state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    ema_state = read_state_dict(directory / EMA_FILE) if ema and (directory / EMA_FILE).is_file() else None
+    return Resumed(directory, read_json(directory / CONFIG_FILE), train_state,
+                   read_state_dict(directory / MODEL_FILE), ema_state)
+
+
+def load_newest_checkpoint(out: Path, ema: bool, say=print) -> Resumed | None:
+    """The newest checkpoint that reads back whole, falling back past truncated or corrupt ones (and
+    saying so); None when there is none. Raises CheckpointError when every checkpoint is unreadable."""
+    from microdit.checkpoint import CheckpointError
+
+    unreadable: list[tuple[Path, str]] = []
+    found = checkpoints(out)
+    for _, directory in reversed(found):
+        try:
+            resumed = read_checkpoint(directory, ema)
+        except Exception as e:  # any failure to read it back: truncated, corrupt, half-copied
+            unreadable.append((directory, (str(e).strip().splitlines() or [type(e).__name__])[0]))
+            continue
+        if unreadable:
+            newest, why = unreadable[0]
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            say(f"note: checkpoint {newest} is unreadable ({why}){more}; resuming from the previous one, "
+                f"{directory.name}")
+        return resumed
+    if unreadable:
+        newest, why = unreadable[0]
+        raise CheckpointError(f"{out / 'ckpt'}: no checkpoint reads back (newest {newest.name}: {why}); move "
+                              "the directory away to start the stage afresh")
+    return None
+
+
 def save_checkpoint(out: Path, step: int, config: dict, state: dict, ema_state: dict | None,
                     train_state: dict, keep: int, fingerprint: dict | None = None) -> Path:
     """Write ckpt/step-N via a temp dir and a rename, then drop all but the newest `keep`."""
-    root = out / "ckpt"
-    final = root / f"step-{step:06d}"
-    tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_model_dir(tmp, config, state, ema_state)
-    torch.save(train_state, tmp / STATE_FILE)
-    if fingerprint is not None:
-        write_json(tmp / RUN_FILE, {"step": step, "fingerprint": fingerprint})
-    replace_dir(tmp, final)
+    final = out / "ckpt" / f"step-{step:06d}"
+    with staged_dir(final) as tmp:
+        write_model_dir(tmp, config, state, ema_state)
+        torch.save(train_state, tmp / STATE_FILE)
+        if fingerprint is not None:
+            write_json(tmp / RUN_FILE, {"step": step, "fingerprint": fingerprint})
+    for saved, old in checkpoints(out):
+        if saved > step:  # an unreadable newer checkpoint we resumed past: its trajectory is abandoned
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in (out / "ckpt").glob(".step-*.tmp"):  # left by a killed save (we hold the lock: none is live)
+        shutil.rmtree(stale, ignore_errors=True)
     for _, old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -512,9 +671,10 @@ class Batches:
 # --------------------------------------------------------------------------------------------
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; the loop checkpoints at the end of the step and exits."""
+    """SIGTERM / SIGUSR1 / SIGINT set a flag; the loop checkpoints at the end of the step and exits.
+    A second Ctrl-C stops at once (KeyboardInterrupt), losing only the steps since the last checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signal: int | None = None
@@ -530,8 +690,68 @@ class StopRequest:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
         self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step", file=sys.stderr, flush=True)
+        again = " (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this step{again}", file=sys.stderr,
+              flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# One trainer per stage directory
+# --------------------------------------------------------------------------------------------
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send us SIGTERM when our parent dies: a trainer orphaned by a killed workflow
+    manager then checkpoints and stops, instead of training on beside the rerun."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+@contextlib.contextmanager
+def stage_lock(out: Path, rt: Runtime) -> Iterator[None]:
+    """Hold an exclusive lock on `out` for the whole run, so one process group at a time trains there.
+
+    Rank 0 takes it (flock, released by the kernel however the process ends) and every rank learns
+    whether it did; a second trainer is refused before it reads or writes anything in `out`."""
+    import fcntl
+    import socket
+
+    fd, owner = None, "named by rank 0"
+    if rt.main:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 256).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            fd = None
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    held = fd is not None
+    if rt.world_size > 1:
+        flag = torch.tensor([float(held)], device=rt.device)
+        dist.broadcast(flag, src=0)
+        held = bool(flag.item())
+    if not held:
+        raise UserError(f"{out} is in use: another trainer ({owner}) holds {out / LOCK_FILE}; wait for it to "
+                        "finish or stop it, then rerun")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.ftruncate(fd, 0)  # an idle stage directory's lock file is empty (and hashes the same)
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,6 +765,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> int:
     micro = args.micro_batch or args.global_batch // world_size
     if min(args.steps, args.global_batch, micro, args.ckpt_every, args.keep, args.log_every) < 1:
         raise UserError("--steps, --global-batch, --micro-batch, --ckpt-every, --keep and --log-every must be >= 1")
+    if args.keep_superseded < 0:
+        raise UserError(f"--keep-superseded must be >= 0, got {args.keep_superseded}")
     if args.global_batch % (micro * world_size):
         raise UserError(f"--global-batch {args.global_batch} is not a multiple of --micro-batch {micro} x "
                         f"{world_size} processes; change one so that it divides")
@@ -608,9 +830,11 @@ def build_stage_model(args: argparse.Namespace, latent_shape: list[int], caption
 
 
 def run(args: argparse.Namespace) -> int:
+    die_with_parent()
     rt = setup_runtime(args.device)
     try:
-        return train(args, rt)
+        with stage_lock(Path(args.out), rt):
+            return train(args, rt)
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -621,7 +845,7 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
 
     from torch.distributed.tensor import DTensor
 
-    from microdit.checkpoint import CheckpointError, check_state_dict, read_state_dict
+    from microdit.checkpoint import CheckpointError, check_state_dict
     from microdit.data.loader import build_latent_loader, source_layout
     from microdit.edm import edm_loss
     from microdit.models import flops_per_image, model_from_config
@@ -641,48 +865,37 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
     with torch.device("meta"):
         wanted = build_stage_model(args, latent_shape, caption_shape[-1], load_init=False).config
     fingerprint = run_fingerprint(args, wanted, latent_shape[-1])
-    found = checkpoints(out)
-    resume = found[-1][1] if found else None
-    if resume is not None:
-        saved_run = read_json(resume / RUN_FILE) if (resume / RUN_FILE).is_file() else None
-        changes = (fingerprint_changes(saved_run["fingerprint"], fingerprint) if saved_run is not None
-                   else fingerprint_changes({"model": read_json(resume / CONFIG_FILE)}, {"model": wanted}))
-        if changes:
-            what = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
-            if args.on_change == "error":
-                raise UserError(f"{out / 'ckpt'} holds another run's checkpoints ({what}); use another --out, "
-                                "delete them, or pass --on-change restart")
-            rt.barrier()  # every process has read the old checkpoint before it moves
-            if rt.main:
-                set_aside(out)
-            rt.barrier()
-            say(f"note: {out / 'ckpt'} held another run's checkpoints ({what}); this stage starts afresh and "
-                f"they were moved to {out / 'ckpt.superseded'}")
-            resume = None
+    current = run_changes(out, fingerprint, wanted)
+    if current is not None and current[0] and args.on_change == "error":
+        raise UserError(f"{out / 'ckpt'} holds another run's checkpoints ({describe_changes(current[0])}); use "
+                        "another --out, delete them, or pass --on-change restart")
+    rt.barrier()  # every process has read the old checkpoints before they move
+    note = switch_runs(out, fingerprint, current, args.keep_superseded) if rt.main else None
+    rt.barrier()
+    if note:
+        say(note)
+    resumed = load_newest_checkpoint(out, args.ema, say)
     train_state: dict[str, Any] | None = None
-    if resume is None:
+    if resumed is None:
         model = build_stage_model(args, latent_shape, caption_shape[-1])
     else:
-        model = model_from_config(read_json(resume / CONFIG_FILE))
+        model = model_from_config(resumed.config)
     config = dict(model.config)
     identity = {"model": config["architecture"], "latent_size": latent_shape[-1], "mask_ratio": args.mask_ratio,
                 "global_batch": args.global_batch, "steps": args.steps, "lr": args.lr, "schedule": args.schedule}
     ema_state = None
-    if resume is not None:
-        # mmap: the processes of one node share the pages instead of each holding a copy
-        train_state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    if resumed is not None:
+        train_state = resumed.train_state
         saved = train_state.get("identity", {})
         changed = [k for k in identity if k in saved and saved[k] != identity[k]]
         if changed:
             say(f"note: resuming with changed {', '.join(f'{k} {saved[k]} -> {identity[k]}' for k in changed)}")
-        state = read_state_dict(resume / MODEL_FILE)
-        check_state_dict(model, state, source=str(resume / MODEL_FILE))
-        model.load_state_dict(state, strict=True)
-        if args.ema and (resume / EMA_FILE).is_file():
-            ema_state = read_state_dict(resume / EMA_FILE)
-        elif args.ema:
-            say(f"note: {resume.name} has no EMA weights; the EMA starts from the current weights")
-        say(f"resuming {out} from {resume.name}")
+        check_state_dict(model, resumed.state, source=str(resumed.directory / MODEL_FILE))
+        model.load_state_dict(resumed.state, strict=True)
+        ema_state = resumed.ema_state
+        if args.ema and ema_state is None:
+            say(f"note: {resumed.directory.name} has no EMA weights; the EMA starts from the current weights")
+        say(f"resuming {out} from {resumed.directory.name}")
     model.to(rt.device).train()
     n_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_image(model, args.mask_ratio, caption_len=caption_shape[0])
@@ -889,11 +1102,8 @@ def train(args: argparse.Namespace, rt: Runtime) -> int:
     # ---- the end: last checkpoint, final weights, samples, summary ----------------------------
     state, ema_full, _ = checkpoint() if saved_at != step else snapshot()
     if rt.main:
-        tmp = out / ".final.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        write_model_dir(tmp, config, state, ema_full)
-        replace_dir(tmp, out / "final")
+        with staged_dir(out / "final") as tmp:
+            write_model_dir(tmp, config, state, ema_full)
         if args.vae and sample_prompts(args):
             write_samples(out, out / "final", args, rt, autocast_dtype)
         elif args.vae:
@@ -971,6 +1181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-lr-scale", type=float, default=0.5, help="lr multiplier for the MoE layers' parameters")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--keep-superseded", type=int, default=2,
+                   help="earlier runs with other settings to keep in ckpt.superseded/ (a rerun with one's settings "
+                        "resumes it); the oldest beyond this are deleted")
     p.add_argument("--log-every", type=int, default=10, help="log averaged metrics every N steps")
     p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto: on GPUs)")
@@ -990,6 +1203,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--on-change", choices=("restart", "error"), default="restart",
                    help="when --out holds checkpoints of another run (a run-defining flag, the data or the --init "
-                        "weights changed): start afresh, moving them to ckpt.superseded/ (default), or stop")
+                        "weights changed): start afresh, moving them to ckpt.superseded/<run>/ (default), or stop")
     p.add_argument("--max-steps-this-run", type=int,
                    help="stop after N steps as if preempted (checkpoint, exit code 143)")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from microdit.cli import UserError
+from microdit.checkpoint import save_safetensors
 from microdit.io import read_json, sha256_file, write_json
 
 ROLES = ("vae", "text_encoder", "captioner", "clip", "fid", "detector")
@@ -555,7 +556,6 @@ def _calibrate_batchnorm(net: nn.Module, images: list[str] | None, size: int, co
 
 def build_fid(dest: Path, args) -> dict:
     """A random-init Inception-v3 (seeded): a fixed feature map for smoke FID, not comparable."""
-    from safetensors.torch import save_file
     from torchvision.models import inception_v3
 
     torch.manual_seed(args.seed + 3)
@@ -563,7 +563,7 @@ def build_fid(dest: Path, args) -> dict:
     _calibrate_batchnorm(net, getattr(args, "images", None), args.fid_input_size)
     net.eval()
     dest.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(dest / "model.safetensors"))
+    save_safetensors({k: v.contiguous() for k, v in net.state_dict().items()}, dest / "model.safetensors")
     config = {"kind": "torchvision_inception_v3", "feature_dim": 2048, "comparable": False,
               "input_size": args.fid_input_size, "seed": args.seed + 3}
     write_json(dest / "config.json", config)

@@ -348,9 +348,10 @@ def test_changed_settings_start_afresh_and_set_the_old_checkpoints_aside(straigh
     assert train(out, data, "--lr", "5e-4") == 0
     assert re.search(r"held another run's checkpoints \(lr [0-9.e-]+ -> 0\.0005\); this stage starts afresh",
                      capsys.readouterr().out)
-    # the old run is kept, not resumed and not lost
-    kept = out / "ckpt.superseded"
-    assert {int(p.name.split("-")[1]): (p / "model.safetensors").read_bytes() for p in kept.glob("step-*")} == old
+    # the old run is kept under its fingerprint's key, not resumed and not lost
+    [kept] = (out / "ckpt.superseded").iterdir()
+    assert {int(p.name.split("-")[1]): (p / "model.safetensors").read_bytes()
+            for p in (kept / "ckpt").glob("step-*")} == old
     ours = losses(out)
     assert [s for s, _ in ours] == list(range(1, STEPS + 1))  # trained from step 1, rows of the old run gone
     assert ours[0] == losses(straight)[0]  # same init, data and noise: only the update differs
