@@ -10,13 +10,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, workflow.basedir)  # so a checkout works before `pip install -e .`
-from microdit.config import ConfigError, resolve
+from microdit.config import ConfigError, load_yaml, resolve
 
 # rules call `microdit`: find the one installed beside the Python that runs Snakemake, even when the
 # virtual environment is not activated (`.venv/bin/snakemake --cores all`)
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
-configfile: str(Path(workflow.basedir) / "config.yaml")
+# Snakemake's message for a YAML error names neither the file nor the line: read the file first. (Files
+# given with --configfile are read by Snakemake before this code runs; README, "When things go wrong".)
+_CONFIG_YAML = Path(workflow.basedir) / "config.yaml"
+if _CONFIG_YAML.is_file():
+    try:
+        load_yaml(_CONFIG_YAML)
+    except ConfigError as e:
+        raise WorkflowError(f"config error: {e}") from None
+
+configfile: str(_CONFIG_YAML)
 
 # `--config only=<wildcard>=<value>` (source, stage or tag) narrows that wildcard to one value, so every
 # other job's outputs are plain input files here and Snakemake never reruns them, whatever their
@@ -29,8 +38,10 @@ if "only" in config:
         raise WorkflowError(f"config error: 'only' must be source=<name>, stage=<1-4> or tag=stage<N>, got {_wildcard}={_value}")
     ONLY[_wildcard] = _value
 
+# the `--config` entries again, their values read as YAML: Snakemake leaves nested scalars strings
+_COMMAND_LINE = [e for e in workflow.config_settings.config_args or [] if not e.startswith("only=")]
 try:
-    _resolved = resolve(dict(config), Path(workflow.basedir) / "workflow")
+    _resolved = resolve(dict(config), Path(workflow.basedir) / "workflow", command_line=_COMMAND_LINE)
 except ConfigError as e:
     raise WorkflowError(f"config error: {e}") from None
 config.clear()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -76,6 +76,46 @@ def _check_model_paths(config: dict) -> None:
             )
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line, led by where the problem is."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem or 'syntax error'}"
+    context = getattr(e, "context_mark", None)
+    if getattr(e, "context", None) and context is not None and context.line != mark.line:
+        where += f" ({e.context} that starts on line {context.line + 1})"
+    return where
+
+
+def _check_sources(config: dict) -> None:
+    """What the schema cannot say about sources, found here rather than as a failed job later."""
+    sources = config["sources"]
+    for name, spec in sorted(sources.items()):
+        if "raw_from" in spec and spec["raw_from"] not in sources:
+            raise ConfigError(f"config key 'sources.{name}.raw_from': {spec['raw_from']!r} is not a source "
+                              f"(sources: {', '.join(sorted(sources))})")
+    for role, needed_by in (("train", "training"), ("eval", "evaluation")):
+        if not any(spec["role"] == role for spec in sources.values()):
+            raise ConfigError(f"config key 'sources': no source has role '{role}', which {needed_by} needs "
+                              "(was it set to null? keep or add one)")
+    for name in sorted(config["train"]["stages"]):  # the training loader needs data in every stage
+        stage = int(name.removeprefix("stage"))  # a source without `stages` is used in all of them
+        if not any(spec["role"] == "train" and spec["weight"] > 0 and stage in spec.get("stages", [stage])
+                   for spec in sources.values()):
+            raise ConfigError(f"config key 'sources': no training source with weight > 0 is used in {name} "
+                              "(see sources.<name>.weight and .stages)")
+
+
+def _check_stage_resolutions(config: dict) -> None:
+    """Training reads latents precomputed at its stage's resolution: one missing would fail the stage."""
+    have = config["latents"]["resolutions"]
+    for name, stage in sorted(config["train"]["stages"].items()):
+        if stage["resolution"] not in have:
+            raise ConfigError(f"config key 'train.stages.{name}.resolution': {stage['resolution']} is not in "
+                              f"'latents.resolutions' {have} (add it there, or use one of those)")
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -83,7 +123,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
     return data
@@ -127,9 +167,27 @@ def _yaml11_fixes(value: Any, schema: dict, root: dict) -> Any:
     return value
 
 
-def resolve(user_config: dict, workflow_dir: str | Path) -> dict:
-    """Merge preset + user keys, expand `{root}`, validate. Returns a new dict."""
+def command_line_config(entries: Iterable[str]) -> dict:
+    """`--config key=value` entries with each value read as YAML, as config.yaml is.
+
+    Snakemake types a whole top-level value (`seed=3`) but reads a nested one
+    (`train={stages: {stage1: {steps: 3}}}`) with YAML's BaseLoader, which leaves every scalar a
+    string ('3'); the schema then rejects it. An empty value is null, as Snakemake has it."""
+    config: dict = {}
+    for entry in entries:
+        key, _, text = entry.partition("=")
+        try:
+            config[key] = yaml.safe_load(text) if text else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {key}=...: value is not valid YAML: {_yaml_problem(e)}") from None
+    return config
+
+
+def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[str] = ()) -> dict:
+    """Merge preset + user keys (+ `--config` entries, typed), expand `{root}`, validate.
+    Returns a new dict."""
     workflow_dir = Path(workflow_dir)
+    user_config = deep_merge(user_config, command_line_config(command_line))
     preset = user_config.get("preset", "smoke")
     preset_file = workflow_dir / "presets" / f"{preset}.yaml"
     if not isinstance(preset, str) or not preset_file.is_file():
@@ -143,6 +201,8 @@ def resolve(user_config: dict, workflow_dir: str | Path) -> dict:
     validate(merged, schema)
     merged = _expand(merged, {"root": str(merged["root"]), "results": str(merged["results"])})
     _check_model_paths(merged)
+    _check_sources(merged)
+    _check_stage_resolutions(merged)
     return merged
 
 

@@ -22,7 +22,7 @@ rule caption:
     conda:
         "../../envs/encode.yaml",
     shell:
-        "{MICRODIT} caption --raw {params.raw} --out {output} --model {ROOT}/models/captioner"
+        "{MICRODIT} caption --raw {params.raw:q} --out {output:q} --model {ROOT:q}/models/captioner"
         " --prompt {params.c[prompt]:q} --max-new-tokens {params.c[max_new_tokens]}"
         " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]} --min-size {params.min_size}"
-        " --device {config[device]} > {log} 2>&1"
+        " --device {config[device]} > {log:q} 2>&1"

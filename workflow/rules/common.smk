@@ -40,6 +40,12 @@ else:
     MICRODIT = "microdit"
 
 
+def q(value):
+    """A config-derived value as one shell word: config strings (paths, ids, prompts) may hold spaces,
+    quotes or `$(...)`, and rule shells must pass them on, never run them. Shell templates use `:q`."""
+    return _quote(str(value))
+
+
 def res(group, key):
     return config["resources"][group][key]
 
@@ -87,9 +93,7 @@ def world_input(source):
 
 def cli_options(options):
     """Turn a source's `options` mapping into `--opt key=value` flags (quoted for the shell)."""
-    from shlex import quote
-
-    return " ".join(f"--opt {quote(f'{k}={v}')}" for k, v in sorted(options.items()))
+    return " ".join(f"--opt {q(f'{k}={v}')}" for k, v in sorted(options.items()))
 
 
 def data_targets():

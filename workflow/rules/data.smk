@@ -22,11 +22,11 @@ rule download:
         "../../envs/data.yaml",
     shell:
         "{MICRODIT} download --source {wildcards.source} --kind {params.src[kind]}"
-        " --input {params.src[input]:q} --out {ROOT}/raw/{wildcards.source} {params.opts}"
+        " --input {params.src[input]:q} --out {ROOT:q}/raw/{wildcards.source} {params.opts}"
         " --image-size {params.d[image_size]} --resize-mode {params.d[resize_mode]}"
         " --min-image-size {params.d[min_image_size]} --processes {params.d[processes]}"
         " --threads {params.d[threads]} --timeout {params.d[timeout]} --retries {params.d[retries]}"
-        " --samples-per-shard {params.d[samples_per_shard]} > {log} 2>&1"
+        " --samples-per-shard {params.d[samples_per_shard]} > {log:q} 2>&1"
 
 
 def mds_inputs(wildcards):
@@ -45,7 +45,7 @@ rule mds:
         f"{ROOT}/mds/{{source}}/_summary.json",
     params:
         raw=lambda w: raw_dir(w.source),
-        captions=lambda w, input: f"--captions {input.captions}" if "captions" in input.keys() else "",
+        captions=lambda w, input: f"--captions {q(input.captions)}" if "captions" in input.keys() else "",
         min_size=lambda w: config["sources"][w.source].get("min_size", config["mds"]["min_size"]),
         m=config["mds"],
     threads: res("mds", "threads")
@@ -58,10 +58,10 @@ rule mds:
     conda:
         "../../envs/data.yaml",
     shell:
-        "{MICRODIT} mds --raw {params.raw} --out {ROOT}/mds/{wildcards.source} {params.captions}"
+        "{MICRODIT} mds --raw {params.raw:q} --out {ROOT:q}/mds/{wildcards.source} {params.captions}"
         " --min-size {params.min_size} --max-size {params.m[max_size]}"
         " --image-format {params.m[image_format]} --quality {params.m[quality]} --workers {threads}"
-        " > {log} 2>&1"
+        " > {log:q} 2>&1"
 
 
 rule funnel:
@@ -74,7 +74,7 @@ rule funnel:
     output:
         report(f"{RESULTS}/data/funnel.json", caption="../report/funnel.rst", category="Data"),
     params:
-        sources=" ".join(f"--source {s}={config['sources'][s].get('raw_from', s)}" for s in SOURCES),
+        sources=" ".join(f"--source {q(s + '=' + config['sources'][s].get('raw_from', s))}" for s in SOURCES),
     threads: 1
     resources:
         **group_resources("report"),
@@ -85,4 +85,4 @@ rule funnel:
     conda:
         "../../envs/data.yaml",
     shell:
-        "{MICRODIT} funnel --root {ROOT} {params.sources} --out {output} > {log} 2>&1"
+        "{MICRODIT} funnel --root {ROOT:q} {params.sources} --out {output:q} > {log:q} 2>&1"

@@ -31,14 +31,14 @@ def evaluate_args(wildcards):
                 f" --caption-channels {t['caption_channels']}" + ("" if t["patch_mixer"] else " --no-patch-mixer"))
     else:
         ema = t["stages"][wildcards.tag]["ema"]
-        what = f"--checkpoint {ROOT}/checkpoints/{wildcards.tag}/final" + (" --ema" if ema else "")
+        what = f"--checkpoint {q(f'{ROOT}/checkpoints/{wildcards.tag}/final')}" + (" --ema" if ema else "")
     args = [
-        what, f"--eval-mds {ROOT}/mds/{eval_source()}",
-        *(f"--{role.replace('_', '-')} {ROOT}/models/{role}" for role in ("vae", "text_encoder", "clip", "fid", "detector")),
-        f"--geneval-prompts {e['geneval_prompts']}", f"--geneval-per-task {e['geneval_per_task']}",
+        what, f"--eval-mds {q(f'{ROOT}/mds/{eval_source()}')}",
+        *(f"--{role.replace('_', '-')} {q(f'{ROOT}/models/{role}')}" for role in ("vae", "text_encoder", "clip", "fid", "detector")),
+        f"--geneval-prompts {q(e['geneval_prompts'])}", f"--geneval-per-task {e['geneval_per_task']}",
         f"--geneval-images-per-prompt {e['geneval_images_per_prompt']}", f"--num-images {e['num_images']}",
         f"--steps {e['steps']}", f"--guidance {e['guidance']}", f"--seed {config['seed']}",
-        f"--batch-size {e['batch_size']}", f"--cache {ROOT}/eval_cache", f"--device {config['device']}",
+        f"--batch-size {e['batch_size']}", f"--cache {q(f'{ROOT}/eval_cache')}", f"--device {config['device']}",
     ]
     if e["fid_256"]:
         args.append("--fid-256")
@@ -66,5 +66,5 @@ rule evaluate:
     conda:
         "../../envs/evaluate.yaml",
     shell:
-        "{params.launch} evaluate --tag {wildcards.tag} {params.args} --out {RESULTS}/eval/{wildcards.tag}"
-        " > {log} 2>&1"
+        "{params.launch} evaluate --tag {wildcards.tag} {params.args} --out {RESULTS:q}/eval/{wildcards.tag}"
+        " > {log:q} 2>&1"

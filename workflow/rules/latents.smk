@@ -23,7 +23,7 @@ rule latents:
     conda:
         "../../envs/encode.yaml",
     shell:
-        "{params.launch} latents --mds {ROOT}/mds/{wildcards.source} --out {ROOT}/latents/{wildcards.source}"
-        " --vae {ROOT}/models/vae --text-encoder {ROOT}/models/text_encoder"
+        "{params.launch} latents --mds {ROOT:q}/mds/{wildcards.source} --out {ROOT:q}/latents/{wildcards.source}"
+        " --vae {ROOT:q}/models/vae --text-encoder {ROOT:q}/models/text_encoder"
         " --resolutions {params.resolutions} --batch-size {params.l[batch_size]}"
-        " --dtype {params.l[dtype]} --device {config[device]} > {log} 2>&1"
+        " --dtype {params.l[dtype]} --device {config[device]} > {log:q} 2>&1"

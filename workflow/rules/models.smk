@@ -13,9 +13,9 @@ def models_args():
     m = config["models"]
     args = [f"--source {m['source']}"]
     for role, spec in sorted(m["roles"].items()):
-        args.append(f"--id {role}={spec['id']}")
+        args.append("--id " + q(f"{role}={spec['id']}"))
         if spec["path"]:
-            args.append(f"--local {role}={spec['path']}")
+            args.append("--local " + q(f"{role}={spec['path']}"))
     b = m["build"]
     args += [f"--text-dim {b['text_dim']}", f"--text-steps {b['text_steps']}", f"--vae-steps {b['vae_steps']}",
              f"--vae-resolution {b['vae_resolution']}", f"--vae-batch-size {b['vae_batch_size']}",
@@ -28,7 +28,7 @@ rule world:
     output:
         expand("{root}/world/{source}.parquet", root=ROOT, source=sorted(config["world"]["counts"])),
     params:
-        counts=" ".join(f"--count {k}={v}" for k, v in sorted(config["world"]["counts"].items())),
+        counts=" ".join("--count " + q(f"{k}={v}") for k, v in sorted(config["world"]["counts"].items())),
         w=config["world"],
     threads: res("world", "threads")
     resources:
@@ -40,9 +40,9 @@ rule world:
     conda:
         "../../envs/data.yaml",
     shell:
-        "{MICRODIT} world --out {ROOT}/world {params.counts} --image-size {params.w[image_size]}"
+        "{MICRODIT} world --out {ROOT:q}/world {params.counts} --image-size {params.w[image_size]}"
         " --bad-per-source {params.w[bad_per_source]} --small-size {params.w[small_size]}"
-        " --seed {config[seed]} > {log} 2>&1"
+        " --seed {config[seed]} > {log:q} 2>&1"
 
 
 rule models:
@@ -53,7 +53,7 @@ rule models:
         [model_info(role) for role in MODEL_ROLES],
     params:
         args=models_args(),
-        captions=lambda w, input: " ".join(f"--captions {p}" for p in input),
+        captions=lambda w, input: " ".join(f"--captions {q(p)}" for p in input),
     threads: res("models", "threads")
     resources:
         **group_resources("models"),
@@ -64,4 +64,4 @@ rule models:
     conda:
         "../../envs/evaluate.yaml",
     shell:
-        "{MICRODIT} models --out {ROOT}/models {params.args} {params.captions} > {log} 2>&1"
+        "{MICRODIT} models --out {ROOT:q}/models {params.args} {params.captions} > {log:q} 2>&1"

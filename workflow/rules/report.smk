@@ -35,8 +35,8 @@ rule dag:
     log:
         f"{ROOT}/logs/dag.log",
     shell:
-        "{PYTHON} -m snakemake -s {params.snakefile} --configfile {input} --rulegraph --nolock"
-        " > {output} 2> {log}"
+        "{PYTHON:q} -m snakemake -s {params.snakefile:q} --configfile {input:q} --rulegraph --nolock"
+        " > {output:q} 2> {log:q}"
 
 
 rule cost:
@@ -58,8 +58,8 @@ rule cost:
     conda:
         "../../envs/report.yaml",
     shell:
-        "{MICRODIT} cost --root {ROOT} --results {RESULTS} --config {input.config} --out {output}"
-        " --price-per-gpu-hour {params.c[price_per_gpu_hour]} --gpu-type {params.c[gpu_type]:q} > {log} 2>&1"
+        "{MICRODIT} cost --root {ROOT:q} --results {RESULTS:q} --config {input.config:q} --out {output:q}"
+        " --price-per-gpu-hour {params.c[price_per_gpu_hour]} --gpu-type {params.c[gpu_type]:q} > {log:q} 2>&1"
 
 
 rule report:
@@ -81,5 +81,5 @@ rule report:
     conda:
         "../../envs/report.yaml",
     shell:
-        "{MICRODIT} report --results {RESULTS} --root {ROOT} --config {input.config} --dag {input.dag}"
-        " --out {output} > {log} 2>&1"
+        "{MICRODIT} report --results {RESULTS:q} --root {ROOT:q} --config {input.config:q} --dag {input.dag:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -41,30 +41,25 @@ def train_args(wildcards):
         f"--final-lr-ratio {s['final_lr_ratio']}", f"--p-mean {s['p_mean']}", f"--p-std {s['p_std']}",
         f"--grad-clip {s['grad_clip']}", "--ema" if s["ema"] else "--no-ema",
         f"--ema-decay {t['ema_decay']}", f"--ema-start {s['ema_start']}", f"--moe-lr-scale {t['moe_lr_scale']}",
-        f"--ckpt-every {t['ckpt_every']}", f"--keep {t['keep']}", f"--log-every {t['log_every']}",
+        f"--ckpt-every {t['ckpt_every']}", f"--keep {t['keep']}", f"--keep-superseded {t['keep_superseded']}",
+        f"--log-every {t['log_every']}",
         f"--seed {config['seed']}", f"--device {config['device']}",
     ]
     if not t["patch_mixer"]:
         args.append("--no-patch-mixer")
-    args += [f"--latents {ROOT}/latents/{src}" for src in stage_sources(stage)]
+    args += ["--latents " + q(f"{ROOT}/latents/{src}") for src in stage_sources(stage)]
     args.append("--weights " + " ".join(f"{src}={config['sources'][src]['weight']}" for src in stage_sources(stage)))
     if stage > 1:
-        args.append(f"--init {ROOT}/checkpoints/stage{stage - 1}/final")
+        args.append("--init " + q(f"{ROOT}/checkpoints/stage{stage - 1}/final"))
         if s["init_optimizer"]:
             args.append("--init-optimizer")
     if t["compile"]:
         args.append("--compile")
     if t["fsdp"]:
         args.append("--fsdp")
-    args += [f"--vae {ROOT}/models/vae", f"--text-encoder {ROOT}/models/text_encoder"]
-    args += [f"--sample-prompt {shlex_quote(p)}" for p in t["sample_prompts"]]
+    args += ["--vae " + q(f"{ROOT}/models/vae"), "--text-encoder " + q(f"{ROOT}/models/text_encoder")]
+    args += [f"--sample-prompt {q(p)}" for p in t["sample_prompts"]]
     return " ".join(args)
-
-
-def shlex_quote(text):
-    from shlex import quote
-
-    return quote(text)
 
 
 rule train:
@@ -87,4 +82,4 @@ rule train:
     conda:
         "../../envs/train.yaml",
     shell:
-        "{params.launch} train --out {ROOT}/checkpoints/stage{wildcards.stage} {params.args} > {log} 2>&1"
+        "{params.launch} train --out {ROOT:q}/checkpoints/stage{wildcards.stage} {params.args} > {log:q} 2>&1"
