@@ -172,14 +172,19 @@ def command_line_config(entries: Iterable[str]) -> dict:
 
     Snakemake types a whole top-level value (`seed=3`) but reads a nested one
     (`train={stages: {stage1: {steps: 3}}}`) with YAML's BaseLoader, which leaves every scalar a
-    string ('3'); the schema then rejects it. An empty value is null, as Snakemake has it."""
+    string ('3'); the schema then rejects it. An empty value is null, as Snakemake has it. Entries
+    for the same key merge, as in Snakemake; a dotted key (`train.stages.stage1.steps=3`, which
+    DVC's `-S` uses and Snakemake's own parser refuses today) is the nested mapping it names."""
     config: dict = {}
     for entry in entries:
         key, _, text = entry.partition("=")
         try:
-            config[key] = yaml.safe_load(text) if text else None
+            value = yaml.safe_load(text) if text else None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {key}=...: value is not valid YAML: {_yaml_problem(e)}") from None
+        for part in reversed(key.split(".")[1:]):
+            value = {part: value}
+        config = deep_merge(config, {key.split(".")[0]: value})
     return config
 
 

@@ -169,6 +169,15 @@ def test_nested_command_line_values_are_typed():
         resolve({}, WORKFLOW, command_line=["train={stages: {"])
 
 
+
+def test_dotted_and_repeated_command_line_keys_nest_and_merge():
+    # dotted keys are what `dvc exp run -S` takes; repeated entries for one key merge, as in Snakemake
+    entries = ["train.stages.stage1.steps=3", "train.stages.stage2.lr=1.5e-4", "train={stages: {stage3: {steps: 2}}}"]
+    config = resolve({}, WORKFLOW, command_line=entries)
+    stages = config["train"]["stages"]
+    assert (stages["stage1"]["steps"], stages["stage2"]["lr"], stages["stage3"]["steps"]) == (3, 1.5e-4, 2)
+    assert stages["stage4"]["steps"] > 0  # the preset's keys beside them are kept
+
 def _snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(snakefile), "--directory", str(workdir),
                            "--cores", "1", *args], capture_output=True, text=True, timeout=300)
