@@ -464,7 +464,8 @@ def data_section(funnel: dict | None, config: dict | None) -> dict | None:
             continue
         losses = (_reasons("download", f.get("download_failed")) + _reasons("caption empty", f.get("caption_empty"))
                   + _reasons("caption failed", f.get("caption_failed")) + _reasons("mds", f.get("mds_dropped"))
-                  + _reasons("encode", f.get("encode_failed")))
+                  + _reasons("encode", f.get("encode_failed"))
+                  + _reasons("download kept, repaired", f.get("download_repaired")))
         rows.append({"source": name, "role": (config_sources.get(name) or {}).get("role"),
                      "raw_from": f.get("raw_from"), "counts": {k: f.get(k) for k, _ in FUNNEL_STAGES},
                      "final": f.get("final"), "final_stage": f.get("final_stage"), "losses": losses})

@@ -330,3 +330,14 @@ def test_latents_on_a_full_disk_keeps_what_is_done(tmp_path, encoders, monkeypat
     encode_latents(mds_dir, fresh, encoders)
     assert read_rows(out) == read_rows(fresh)
     assert json.loads((out / "_summary.json").read_text()) == json.loads((fresh / "_summary.json").read_text())
+
+
+def test_report_lists_repaired_rows_and_truncated_shards_beside_the_losses():
+    from microdit.report import data_section
+
+    funnel = {"sources": {"cut": {"urls": 10, "downloaded": 9, "download_failed": {"dead url": 1},
+                                  "download_repaired": {"text not utf-8 (replaced)": 2}, "in_mds": 6,
+                                  "mds_dropped": {"truncated_shard": 3}, "final": 6, "final_stage": "in_mds"}}}
+    losses = data_section(funnel, None)["rows"][0]["losses"]
+    assert "mds: truncated_shard 3" in losses
+    assert "download kept, repaired: text not utf-8 (replaced) 2" in losses
