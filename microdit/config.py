@@ -8,6 +8,7 @@ any job starts.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -63,7 +64,30 @@ def validate(config: dict, schema: dict) -> None:
         raise ConfigError(f"unknown config key '{name}' (allowed here: {', '.join(allowed)})")
     if err.validator == "required":
         raise ConfigError(f"config key '{where}': {err.message}")
-    raise ConfigError(f"config key '{where}': {err.message}")
+    wanted = _wanted(err.schema) if err.validator in _VALUE_CHECKS else None
+    raise ConfigError(f"config key '{where}': {err.message}" + (f"; set it to {wanted}" if wanted else ""))
+
+
+# checks of a value's own type and range: the message then says what the key takes
+_VALUE_CHECKS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+_BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
+
+
+def _wanted(schema: dict) -> str | None:
+    """What a key with this (leaf) schema takes, in words: 'a number > 0 and < 1', 'an integer >= 1'."""
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    kinds = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+             "array": "a list", "object": "a mapping", "null": "null"}
+    if not types or any(t not in kinds for t in types):
+        return None
+    words = " or ".join(kinds[t] for t in types)
+    bounds = [f"{op} {schema[key]}" for key, op in _BOUNDS if key in schema]
+    if bounds:
+        words += " " + " and ".join(bounds)
+    if "multipleOf" in schema:
+        words += f" (a multiple of {schema['multipleOf']})"
+    return words
 
 
 def _check_model_paths(config: dict) -> None:
@@ -74,6 +98,28 @@ def _check_model_paths(config: dict) -> None:
                 f"config key 'models.roles.{role}.path': directory '{path}' does not exist "
                 "(point it at a local HF-format model directory, or set it to null to use the id)"
             )
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _check_source_inputs(config: dict) -> None:
+    """A source's local input (URL list, links file, archive directory) must exist before any job,
+    or the typo shows only when its download job runs, after the models are fetched. Files under
+    `root` are left to the jobs: the world rule writes the smoke lists there, and the paper preset
+    expects the user's SA-1B links file there by the time the download runs."""
+    root = os.path.abspath(config["root"])
+    for name, spec in sorted(config["sources"].items()):
+        if "raw_from" in spec:  # reuses another source's download: its own input is never read
+            continue
+        text = spec["input"]
+        if _URL.match(text) and not text.startswith("file://"):
+            continue
+        path = Path(os.path.abspath(text.removeprefix("file://")))
+        if path.exists() or path.is_relative_to(root):
+            continue
+        raise ConfigError(f"config key 'sources.{name}.input': '{text}' does not exist (point it at the URL "
+                          "list, links file or directory of the source, or at a URL)")
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -207,6 +253,7 @@ def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[
     merged = _expand(merged, {"root": str(merged["root"]), "results": str(merged["results"])})
     _check_model_paths(merged)
     _check_sources(merged)
+    _check_source_inputs(merged)
     _check_stage_resolutions(merged)
     return merged
 

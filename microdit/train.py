@@ -702,20 +702,6 @@ class StopRequest:
 # One trainer per stage directory
 # --------------------------------------------------------------------------------------------
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent() -> None:
-    """Ask Linux to send us SIGTERM when our parent dies: a trainer orphaned by a killed workflow
-    manager then checkpoints and stops, instead of training on beside the rerun."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-
 @contextlib.contextmanager
 def stage_lock(out: Path, rt: Runtime) -> Iterator[None]:
     """Hold an exclusive lock on `out` for the whole run, so one process group at a time trains there.
@@ -830,7 +816,11 @@ def build_stage_model(args: argparse.Namespace, latent_shape: list[int], caption
 
 
 def run(args: argparse.Namespace) -> int:
-    die_with_parent()
+    from microdit.lifetime import die_with_parent
+
+    # SIGTERM when our parent dies: a trainer orphaned by a killed workflow manager checkpoints and
+    # stops, instead of training on beside the rerun
+    die_with_parent(os.getppid(), signal.SIGTERM)
     rt = setup_runtime(args.device)
     try:
         with stage_lock(Path(args.out), rt):

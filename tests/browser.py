@@ -49,6 +49,10 @@ class _DevTools:
 
     def __init__(self, to_browser: int, from_browser: int):
         self.to_browser, self.from_browser = to_browser, from_browser
+        # poll, not select: select() refuses descriptors >= 1024, which a long pytest session reaches
+        # (mosaicml-streaming keeps its shared-memory blocks open for the life of the process)
+        self.readable = select.poll()
+        self.readable.register(from_browser, select.POLLIN)
         self.buffer = b""
         self.next_id = 0
         self.events: list[dict] = []
@@ -66,7 +70,7 @@ class _DevTools:
     def _read(self, deadline: float) -> dict | None:
         while b"\0" not in self.buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.from_browser], [], [], left)[0]:
+            if left <= 0 or not self.readable.poll(left * 1000):
                 return None
             chunk = os.read(self.from_browser, 1 << 20)
             if not chunk:

@@ -72,7 +72,8 @@ def _keep(path: tuple, preset: dict) -> bool:
 
 def hostile_config(tmp_path: Path, preset: str, payload: str) -> tuple[dict, dict]:
     """The preset with `payload` in every free string key (each with its own marker); the payloads
-    by key. Paths are absolute inside tmp_path; model paths exist, as the config check wants."""
+    by key. Paths are absolute inside tmp_path; model paths and source inputs exist, as the config
+    check wants."""
     raw = load_yaml(WORKFLOW / "presets" / f"{preset}.yaml")
     config = resolve({"preset": preset}, WORKFLOW)
     config["sources"] = {k: {**v, "input": raw["sources"][k]["input"]} for k, v in config["sources"].items()}
@@ -87,6 +88,10 @@ def hostile_config(tmp_path: Path, preset: str, payload: str) -> tuple[dict, dic
         elif path[-1] == "path":  # a model directory the config check finds
             (tmp_path / "models" / text).mkdir(parents=True)
             text = str(tmp_path / "models" / text)
+        elif path[-1] == "input":  # a source's URL list, which the config check finds too
+            (tmp_path / "inputs").mkdir(exist_ok=True)
+            (tmp_path / "inputs" / text).touch()
+            text = str(tmp_path / "inputs" / text)
         _set(config, path, text)
         payloads[key] = text
     first = sorted(config["sources"])[0]  # a free-form option key, besides the option values

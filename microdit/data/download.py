@@ -10,11 +10,14 @@ read at all counts as one failure); a source that yields no image at all is an e
 row whose text is not UTF-8 is kept, decoded with U+FFFD, and counted in "repaired": one bad byte
 in a caption should not cost its image, let alone the whole list.
 
-img2dataset reads file:// URLs itself (urllib opens them), so local lists need no server.
+img2dataset reads file:// URLs itself (urllib opens them), so local lists need no server. It
+runs in a child process group that dies with this process, so a `kill -9` here leaves none of
+its workers behind; the rerun redoes the shards without a (readable) stats file.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -147,11 +150,9 @@ def download_url_list(args: argparse.Namespace, opts: dict, out: Path) -> dict:
     extras = [_saved_name(c) for c in opts["save_additional_columns"]]
 
     expected = math.ceil(rows / args.samples_per_shard)
+    forget_unreadable_stats(out)
     if set(range(expected)) - set(shard_stats(out)):  # else every shard is done: skip img2dataset's start-up
-        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
-        import img2dataset
-
-        img2dataset.download(
+        run_img2dataset(
             url_list=str(list_path), output_folder=str(out), input_format="parquet",
             url_col="url", caption_col="caption", save_additional_columns=extras or None,
             output_format="webdataset", number_sample_per_shard=args.samples_per_shard,
@@ -174,6 +175,51 @@ def download_url_list(args: argparse.Namespace, opts: dict, out: Path) -> dict:
     if not_utf8:
         summary["repaired"] = {NOT_UTF8: not_utf8}
     return summary
+
+
+def forget_unreadable_stats(out: Path) -> None:
+    """img2dataset writes a shard's `NNNNN_stats.json` in place, last: one cut short by a kill
+    would pass for a finished shard (its incremental mode only checks that the file exists).
+    Remove it, so that shard is made again."""
+    for path in out.glob("[0-9]*_stats.json"):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            print(f"{path}: unreadable (a run killed while writing it); downloading that shard again", flush=True)
+            path.unlink()
+
+
+def run_img2dataset(**kwargs) -> None:
+    """`img2dataset.download(**kwargs)` in a child process leading its own process group, which
+    dies whole when this process dies: its worker pool and logger are processes we cannot
+    reach, which a `kill -9` of this one would otherwise leave running beside the rerun."""
+    import multiprocessing
+
+    from microdit.lifetime import kill_group
+
+    # spawn, not fork: the parent may hold threads (tqdm, a test's HTTP server) mid-lock
+    child = multiprocessing.get_context("spawn").Process(target=_img2dataset_in_own_group,
+                                                         args=(kwargs, os.getpid()), name="img2dataset")
+    child.start()
+    try:
+        child.join()
+    except BaseException:  # Ctrl-C while waiting: img2dataset's processes go with us
+        kill_group(child.pid)
+        child.join()
+        raise
+    if child.exitcode != 0:
+        raise UserError(f"img2dataset stopped (exit code {child.exitcode}; its log above says why); "
+                        "rerun the same command to resume")
+
+
+def _img2dataset_in_own_group(kwargs: dict, parent_pid: int) -> None:
+    from microdit.lifetime import lead_group_that_dies_with_parent
+
+    lead_group_that_dies_with_parent(parent_pid)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import otherwise
+    import img2dataset
+
+    img2dataset.download(**kwargs)
 
 
 def _saved_name(column: str) -> str:

@@ -13,9 +13,9 @@ and at least the sample cut short. Counts go to `<out>/_summary.json` {input, wr
 ...} with input = written + every dropped count.
 
 Each tar shard becomes its own MDS directory in `<out>.parts/` (atomic, so a rerun skips the
-finished ones; `--workers` convert several at once). At the end the parts move into a temp
-dir, streaming's `merge_index` joins their indexes, and the whole dir is renamed to `<out>`;
-if that fails (a full disk) the parts move back, so the rerun only merges.
+finished ones; `--workers` convert several at once, and die with the stage). At the end the
+parts move into a temp dir, streaming's `merge_index` joins their indexes, and the whole dir is
+renamed to `<out>`; if that fails (a full disk) the parts move back, so the rerun only merges.
 
 Every MDS shard's xxh3_64 goes into index.json; `shard_hash.shard_matches` is how readers check it.
 """
@@ -34,6 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from microdit.cli import UserError
+from microdit.lifetime import die_with_parent
 from microdit.data.shard_hash import SHARD_HASH
 from microdit.data.webdataset import ReadStats, Sample, iter_samples, list_shards, shard_keys
 from microdit.io import read_json, write_json
@@ -275,8 +276,10 @@ def convert_source(args: argparse.Namespace) -> dict:
     todo = [(str(s), str(parts / s.stem), opts) for s in shards if not finished(s)]
     bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc=f"mds {raw.name}", unit="shard", disable=None)
     if args.workers > 1 and len(todo) > 1:
-        # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy mid-lock
-        with multiprocessing.get_context("spawn").Pool(min(args.workers, len(todo))) as pool:
+        # spawn, not fork: the parent may hold threads (tqdm, torch) that fork would copy mid-lock;
+        # workers die with us, not after finishing the shard in hand beside the rerun
+        with multiprocessing.get_context("spawn").Pool(min(args.workers, len(todo)), initializer=die_with_parent,
+                                                       initargs=(os.getpid(),)) as pool:
             for _ in pool.imap_unordered(_convert_job, todo):
                 bar.update()
     else:

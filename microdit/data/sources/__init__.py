@@ -11,6 +11,7 @@ rerun resumes where the last one stopped. Output is the same layout img2dataset 
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from tqdm import tqdm
 
 from microdit.cli import UserError
+from microdit.lifetime import die_with_parent
 from microdit.data.sources.images import ImageOptions
 from microdit.data.sources.layout import ShardWriter, UnitError, shard_name, shard_stats, summarize
 
@@ -152,7 +154,9 @@ def fetch(ctx: FetchContext) -> dict:
     todo = [u for u in units if not _is_done(ctx.out, u)]
     print(f"{ctx.source}: {len(units) - len(todo)} of {len(units)} shards already done", flush=True)
     if ctx.workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(min(ctx.workers, len(todo)), mp_context=get_context("spawn")) as pool:
+        # workers die with us: a kill -9 here must not leave them fetching beside the rerun, or idle for good
+        with ProcessPoolExecutor(min(ctx.workers, len(todo)), mp_context=get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             for _ in tqdm(pool.map(make_shard, [ctx] * len(todo), todo), total=len(todo),
                           desc=ctx.source, unit="shard", disable=None):
                 pass

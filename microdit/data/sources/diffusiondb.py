@@ -18,7 +18,7 @@ from pathlib import Path
 
 from microdit.cli import UserError
 from microdit.data.sources import FetchContext, Unit, as_optional_float, as_parts
-from microdit.data.sources.archives import is_image_name, open_zip, read_member
+from microdit.data.sources.archives import is_image_name, open_zip, read_member, zip_refusal
 from microdit.data.sources.layout import ShardWriter, UnitError
 from microdit.data.sources.remote import RemoteError, fetch_file, is_url, join
 
@@ -103,6 +103,9 @@ def fill_from_zip(zf, part: int, unsafe: set[str], label: str, shard: ShardWrite
             continue
         if not caption:
             shard.skip("no caption", url, key)
+            continue
+        if (reason := zip_refusal(zf.getinfo(member))) is not None:
+            shard.skip(reason, url, key, caption)
             continue
         try:
             data = read_member(zf, member)

@@ -89,8 +89,13 @@ def plan(ctx: FetchContext) -> list[Unit]:
 
 def fill(unit: Unit, ctx: FetchContext, shard: ShardWriter) -> None:
     split, prompts = unit.payload
+
+    def refused(path: str, reason: str) -> None:
+        if is_image_name(path):
+            shard.skip(reason, f"{unit.name}/{path}")
+
     with open_location(join(ctx.input or DEFAULT_INPUT, unit.name), ctx.timeout) as stream:
-        for path, data in iter_tar_files(stream, unit.name):
+        for path, data in iter_tar_files(stream, unit.name, refused):
             if not is_image_name(path):
                 continue
             ref = image_ref(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from microdit.cli import UserError
 from microdit.data.sources import FetchContext, Unit, as_parts
-from microdit.data.sources.archives import iter_tar_files, member_path
+from microdit.data.sources.archives import is_image_name, iter_tar_files, member_path
 from microdit.data.sources.layout import ShardWriter
 from microdit.data.sources.remote import RemoteError, is_url, local_path, open_location, read_bytes
 
@@ -59,8 +59,12 @@ def plan(ctx: FetchContext) -> list[Unit]:
 
 
 def fill(unit: Unit, ctx: FetchContext, shard: ShardWriter) -> None:
+    def refused(path: str, reason: str) -> None:
+        if is_image_name(path):
+            shard.skip(reason, f"{unit.name}/{path}")
+
     with open_location(unit.payload, ctx.timeout) as stream:
-        for path, data in iter_tar_files(stream, unit.name):
+        for path, data in iter_tar_files(stream, unit.name, refused):
             path = member_path(path)
             if not path.lower().endswith((".jpg", ".jpeg")):
                 continue  # the per-image mask json: not needed for text-to-image training

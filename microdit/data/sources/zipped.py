@@ -13,7 +13,7 @@ from pathlib import Path
 
 from microdit.cli import UserError
 from microdit.data.sources import FetchContext, Unit
-from microdit.data.sources.archives import is_image_name, open_zip, read_member
+from microdit.data.sources.archives import is_image_name, open_zip, read_member, zip_refusal
 from microdit.data.sources.layout import ShardWriter, UnitError
 from microdit.data.sources.remote import is_url
 
@@ -38,10 +38,14 @@ def pick_caption(captions: list[str], how: str, seed: int, key: str) -> str | No
 
 
 def image_members(zip_path: Path, location: str, source: str) -> dict[str, str]:
-    """Image base name -> member path. A damaged download is deleted so that a rerun fetches it anew."""
+    """Image base name -> member path. A damaged download is deleted so that a rerun fetches it anew.
+    A member `fill_slice` will refuse (`../x.jpg`, a link) is listed only where no safe one has its
+    base name, so it is counted under its reason but never shadows an honest image."""
     try:
         with open_zip(zip_path) as zf:
-            return {Path(n).name: n for n in zf.namelist() if is_image_name(n) and not n.endswith("/")}
+            images = [i for i in zf.infolist() if is_image_name(i.filename) and not i.is_dir()]
+            safe_last = sorted(images, key=lambda i: zip_refusal(i) is None)
+            return {Path(i.filename).name: i.filename for i in safe_last}
     except UnitError as e:
         if is_url(location):
             zip_path.unlink(missing_ok=True)
@@ -70,6 +74,8 @@ def fill_slice(unit: Unit, ctx: FetchContext, shard: ShardWriter) -> None:
                 shard.skip("missing image", url, it.key, caption, extra)
             elif caption is None:
                 shard.skip("no caption", url, it.key, None, extra)
+            elif (reason := zip_refusal(zf.getinfo(it.member))) is not None:
+                shard.skip(reason, url, it.key, caption, extra)
             else:
                 try:
                     data = read_member(zf, it.member)
