@@ -98,12 +98,15 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    import hashlib
-
-    digest = hashlib.sha256()
+def file_hexdigest(path: str | os.PathLike, digest: Any) -> str:
+    """Hex digest of a file, read in blocks; `digest` is a fresh hash object (hashlib's, xxhash's)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return file_hexdigest(path, hashlib.sha256())

@@ -18,24 +18,10 @@ from microdit.data import mds as M
 from microdit.data.funnel import source_funnel
 from microdit.data.webdataset import write_shard
 from microdit.io import read_json, write_json
-from test_latents import build_tiny_text_encoder, build_tiny_vae, read_rows
+from test_latents import _one_thread, models, read_rows  # noqa: F401 (fixtures shared with test_latents)
 from test_mds import MAX, MIN, encode, make_raw
 
 RES = [16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: extra threads only contend
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    return build_tiny_vae(root / "vae"), build_tiny_text_encoder(root / "text_encoder")
 
 
 @pytest.fixture(scope="module")

@@ -146,3 +146,19 @@ def test_second_run_has_nothing_to_do(data_run):
     r = snakemake(data_run, "-n")
     assert r.returncode == 0
     assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def test_an_upstream_change_recomputes_the_latents(data_run):
+    """Last here: it changes the run. A smaller `mds.max_size` rebuilds the MDS shards, and the latents
+    made from them must be encoded again, not reused because their part names are the same."""
+    from streaming import StreamingDataset
+
+    latents = data_run / "data/latents/shapes_real"
+    before = {p.relative_to(latents): p.read_bytes() for p in latents.rglob("*.mds")}
+    assert before
+    r = snakemake(data_run, "--config", "mds={max_size: 96}", "--", "data/latents/shapes_real/_summary.json")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    ds = StreamingDataset(local=str(data_run / "data/mds/shapes_real"), remote=None, shuffle=False, batch_size=1)
+    assert min(ds[0]["image"].size) == 96  # the MDS images were rebuilt at the new size
+    after = {p.relative_to(latents): p.read_bytes() for p in latents.rglob("*.mds")}
+    assert after.keys() == before.keys() and all(after[k] != before[k] for k in before)

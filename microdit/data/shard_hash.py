@@ -12,14 +12,12 @@ _matching_shards: set[tuple] = set()
 
 
 def file_xxh3(path: str | os.PathLike) -> str:
-    """Hex xxh3_64 of a file, as streaming's `get_hash("xxh3_64", data)` gives it, read in blocks."""
+    """Hex xxh3_64 of a file, as streaming's `get_hash("xxh3_64", data)` gives it."""
     import xxhash
 
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from microdit.io import file_hexdigest
+
+    return file_hexdigest(path, xxhash.xxh3_64())
 
 
 def shard_matches(path: str | os.PathLike, hashes: dict | None) -> bool:
