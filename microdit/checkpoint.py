@@ -1,157 +1,96 @@
-"""MicroDiT weights on disk: released checkpoints, our own model directories, stage hand-overs.
+"""MicroDiT weights on disk: released checkpoints, model directories, and the stage directory a
+training stage writes, with the one loader that training, evaluation and generation use.
 
-* `save_pretrained(model, dir)` / `from_pretrained(dir)`: a directory with `config.json` (the
-  architecture name and constructor overrides) and `model.safetensors` (the state dict).
+* `load_trained(dir, ema=False)`: the MicroDiT in a model directory (a stage's `final/`, a
+  checkpoint, or what `save_pretrained` wrote), with its EMA weights when `ema`;
+  `from_pretrained(dir)` / `save_pretrained(model, dir)`: the raw weights, as `MicroDiT` has them.
+  A model directory is `config.json` + `model.safetensors` (+ `ema.safetensors`); its files and
+  the weight-file helpers live in `microdit.weights` (below `microdit.models`, which saves and
+  loads through them) and are re-exported here.
 * `load_released_checkpoint(model, path)`: the released `.pt` files (a bare DiT state dict),
   whole-pipeline state dicts whose DiT keys start with `dit.`, composer checkpoints
   (`state.model`), dicts wrapping a state dict under `state_dict` / `model` / `ema`, and
   `.safetensors` files. Keys and shapes must match exactly; the first mismatch is reported by name.
 * `load_previous_stage(model, path)`: the same, but the model keeps its own `pos_embed`, so
   256 px weights load into a 512 px model (the sincos table is recomputed, never learned).
+* The stage directory (`microdit train --out`):
+      ckpt/step-000100/        a model directory + train_state.pt (optimizer, schedule, data order,
+                               RNG) + run.json (the run's fingerprint); the newest `--keep` stay
+      final/                   the model directory of the finished stage
+      summary.json             written last: its presence means the stage is complete
+      train.lock               flock'ed by the one trainer running there
+      ckpt.superseded/<run>/   earlier runs with other settings (all of RUN_OUTPUTS + run.json)
+  Every directory is written beside its place and renamed into it (`staged_dir`): none is ever
+  half there, and resuming falls back past a checkpoint that does not read back whole.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import pickle
-from collections.abc import Mapping
+import re
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from microdit.cli import UserError
-from microdit.io import atomic_path, read_json, write_json
+from microdit.io import naming_full_disk, read_json, write_json
 from microdit.models import MicroDiT, model_from_config
+from microdit.weights import (  # noqa: F401 (re-exported: callers import the format from here)
+    CONFIG_FILE, EMA_FILE, MODEL_FILE, CheckpointError, check_state_dict, read_model_dir, read_state_dict,
+    write_model_dir,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-# A key every MicroDiT state dict has; whatever precedes it is the DiT's prefix in a bigger dict.
-ANCHOR_KEY = "x_embedder.proj.weight"
-# Where training frameworks nest the weights, in the order we look (training weights before EMA).
-WRAPPER_KEYS = ("state", "model", "state_dict", "module", "ema", "ema_state_dict")
-
-
-# ---- writing ---------------------------------------------------------------------------------
-
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file atomically, with the modes the umask gives, byte-identical for identical
-    tensors and metadata: safetensors writes its metadata in a per-process random order (and 0600)."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _sort_safetensors_metadata(tmp)
+CKPT_ROOT, FINAL_DIR, SUMMARY_FILE = "ckpt", "final", "summary.json"
+CKPT_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "train_state.pt"
+RUN_FILE = "run.json"  # beside each checkpoint: what defines the run (see microdit.train.run_fingerprint)
+LOCK_FILE = "train.lock"  # flock'ed by the one trainer writing --out (holds its pid; empty when none runs)
+SUPERSEDED_DIR = "ckpt.superseded"  # <fingerprint key>/: earlier runs with other settings, resumable
+# What one run writes into --out; a superseded run takes all of it along, so nothing mixes two runs.
+RUN_OUTPUTS = (CKPT_ROOT, FINAL_DIR, SUMMARY_FILE, "samples.png", "samples.json", "metrics.jsonl", "metrics.csv", "tb")
 
 
-def _sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite the header in place with `__metadata__` in key order (same length: only the order moves)."""
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        if "__metadata__" not in header:
-            return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        header = {"__metadata__": header.pop("__metadata__"), **header}  # the tensors keep their order
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:  # cannot happen for a compact header; leave the valid file as it is
-            return
-        f.seek(8)
-        f.write(text.ljust(size, b" "))  # safetensors pads its header with spaces
+# ---- model directories ---------------------------------------------------------------------------
+
+def load_trained(directory: str | os.PathLike, ema: bool = False, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> MicroDiT:
+    """The MicroDiT a model directory holds (a stage's `final/` or a checkpoint); `ema=True` loads the
+    EMA weights. Rebuilds the exact architecture its config names; every key and shape must match."""
+    return read_model_dir(directory, model_from_config, ema=ema).to(device=device, dtype=dtype)
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model (one line, names the key)."""
+def from_pretrained(directory: str | os.PathLike, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> MicroDiT:
+    """Rebuild the exact architecture saved by `save_pretrained` and load its weights."""
+    return load_trained(directory, device=device, dtype=dtype)
 
 
-# ---- reading ---------------------------------------------------------------------------------
-
-def read_state_dict(path: str | os.PathLike, which: str | None = None) -> dict[str, torch.Tensor]:
-    """The DiT state dict (prefix stripped) held by a checkpoint file or a `save_pretrained` directory.
-
-    `which` picks a nested entry explicitly, dot-separated (e.g. "ema" or "state.model").
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / WEIGHTS_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        loader = lambda: load_file(str(path))  # noqa: E731
-    elif path.suffix in TORCH_SUFFIXES:
-        loader = lambda: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
-    else:
-        raise CheckpointError(f"{path}: unknown checkpoint format; expected .safetensors or one of {', '.join(TORCH_SUFFIXES)}")
-    try:
-        obj = loader()
-    except pickle.UnpicklingError as e:  # weights_only refuses arbitrary pickled objects
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint: it holds pickled Python objects, which are not loaded for safety; "
-            "in a trusted session save just its state dict (e.g. torch.save(ckpt['state']['model'], 'dit.pt'))"
-        ) from e
-    except Exception as e:  # corrupt or truncated
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read checkpoint: {reason}") from e
-    return extract_dit_state(obj, source=str(path), which=which)
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP keeps the model in `.module`, torch.compile in `._orig_mod`.
+    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
-def extract_dit_state(obj: Any, source: str = "checkpoint", which: str | None = None) -> dict[str, torch.Tensor]:
-    """Find the DiT weights inside a loaded checkpoint object and strip their key prefix."""
-    if which:
-        for part in which.split("."):
-            if not isinstance(obj, Mapping) or part not in obj:
-                raise CheckpointError(f"{source}: no entry '{which}' in the checkpoint")
-            obj = obj[part]
-    while not _holds_dit(obj):
-        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            top = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
-            raise CheckpointError(f"{source}: no MicroDiT weights found (no key ending in '{ANCHOR_KEY}'; top level: {top})")
-        obj = inner
-
-    prefixes = sorted({k[: -len(ANCHOR_KEY)] for k in obj if isinstance(k, str) and k.endswith(ANCHOR_KEY)})
-    prefix = prefixes[0] if len(prefixes) == 1 else next((p for p in ("", "dit.") if p in prefixes), None)
-    if prefix is None:
-        raise CheckpointError(f"{source}: several DiT copies under prefixes {prefixes}; pick one with which=")
-    return {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `config.json` and `model.safetensors` into `directory` (each file atomically)."""
+    model = _unwrap(model)
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict) or "architecture" not in config:
+        raise ValueError("model has no `config` naming its architecture; build it with microdit.models")
+    write_model_dir(directory, config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return Path(directory)
 
 
-def _holds_dit(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and any(
-        isinstance(k, str) and k.endswith(ANCHOR_KEY) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    )
+def model_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The architecture config of a model directory."""
+    return read_json(Path(directory) / CONFIG_FILE)
 
 
-def check_state_dict(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint", ignore: tuple[str, ...] = ()
-) -> None:
-    """Raise CheckpointError naming the first missing key, unexpected key or shape mismatch."""
-    expected = model.state_dict()
-    hint = "is the model built with the same size, in_channels and caption_channels?"
-
-    def fail(problem: str, keys: list[str]) -> None:
-        more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
-        raise CheckpointError(f"{source}: {problem} '{keys[0]}'{more}; {hint}")
-
-    missing = [k for k in expected if k not in state and k not in ignore]
-    if missing:
-        fail("missing key", missing)
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        fail("unexpected key", unexpected)
-    wrong = [k for k, v in expected.items() if k not in ignore and tuple(state[k].shape) != tuple(v.shape)]
-    if wrong:
-        key = wrong[0]
-        more = f" (and {len(wrong) - 1} more keys differ in shape)" if len(wrong) > 1 else ""
-        why = "; from another resolution? load it with load_previous_stage" if key == "pos_embed" else f"; {hint}"
-        raise CheckpointError(
-            f"{source}: key '{key}' has shape {tuple(state[key].shape)} in the checkpoint "
-            f"but {tuple(expected[key].shape)} in the model{more}{why}"
-        )
-
+# ---- released checkpoints and stage hand-over ----------------------------------------------------
 
 def load_released_checkpoint(model: torch.nn.Module, path: str | os.PathLike, which: str | None = None) -> torch.nn.Module:
     """Load DiT weights from `path` into `model` strictly (every key, every shape); returns the model."""
@@ -175,43 +114,170 @@ def load_previous_stage(model: torch.nn.Module, path: str | os.PathLike, which: 
     return model
 
 
-# ---- our own model directories ------------------------------------------------------------------
+# ---- the stage directory -------------------------------------------------------------------------
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP keeps the model in `.module`, torch.compile in `._orig_mod`.
-    while isinstance(getattr(model, "module", None), torch.nn.Module) or hasattr(model, "_orig_mod"):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
-
-
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
-    """Write `config.json` and `model.safetensors` into `directory` (each file atomically)."""
-    model = _unwrap(model)
-    config = getattr(model, "config", None)
-    if not isinstance(config, dict) or "architecture" not in config:
-        raise ValueError("model has no `config` naming its architecture; build it with microdit.models")
-    directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": "pt", "architecture": str(config["architecture"])}
-    save_safetensors(state, directory / WEIGHTS_NAME, metadata=meta)
-    write_json(directory / CONFIG_NAME, config)  # written last: its presence marks a complete save
-    return directory
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written `tmp` directory to `final`, replacing an older one."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
-def from_pretrained(
-    directory: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-) -> MicroDiT:
-    """Rebuild the exact architecture saved by `save_pretrained` and load its weights."""
-    directory = Path(directory)
-    config_path = directory / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; expected a directory written by save_pretrained")
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A temp dir beside `final` that replaces it once the block has written it completely.
+
+    A failed write (a full disk, a kill) removes the temp dir: no half-written `final` ever exists,
+    what was there before stays, and a full disk is reported naming `final`'s directory."""
+    tmp = final.parent / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     try:
-        with torch.device("meta"):  # no point initialising weights we are about to overwrite
-            model = model_from_config(read_json(config_path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{config_path}: invalid model config: {e}") from e
-    state = read_state_dict(directory / WEIGHTS_NAME)
-    check_state_dict(model, state, source=str(directory / WEIGHTS_NAME))
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype)
+        with naming_full_disk(final.parent):
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def save_final(out: Path, config: dict, state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor] | None) -> Path:
+    """Write the finished stage's model directory, `final/`."""
+    with staged_dir(out / FINAL_DIR) as tmp:
+        write_model_dir(tmp, config, state, ema_state)
+    return out / FINAL_DIR
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CKPT_ROOT / f"step-{step:06d}"
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under `out/ckpt`, oldest first."""
+    found = []
+    for d in (out / CKPT_ROOT).glob("step-*"):
+        m = CKPT_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file() and (d / MODEL_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+@dataclass
+class Resumed:
+    """A checkpoint read back whole: where it is, the model config, train state and weights."""
+    directory: Path
+    config: dict
+    train_state: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    ema_state: dict[str, torch.Tensor] | None
+
+
+def read_train_state(directory: Path) -> dict[str, Any]:
+    # mmap: the processes of one node share the pages instead of each holding a copy
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_checkpoint(directory: Path, ema: bool) -> Resumed:
+    train_state = read_train_state(directory)
+    ema_state = read_state_dict(directory / EMA_FILE) if ema and (directory / EMA_FILE).is_file() else None
+    return Resumed(directory, model_config(directory), train_state, read_state_dict(directory / MODEL_FILE), ema_state)
+
+
+def load_newest_checkpoint(out: Path, ema: bool, say=print) -> Resumed | None:
+    """The newest checkpoint that reads back whole, falling back past truncated or corrupt ones (and
+    saying so); None when there is none. Raises CheckpointError when every checkpoint is unreadable."""
+    unreadable: list[tuple[Path, str]] = []
+    found = checkpoints(out)
+    for _, directory in reversed(found):
+        try:
+            resumed = read_checkpoint(directory, ema)
+        except Exception as e:  # any failure to read it back: truncated, corrupt, half-copied
+            unreadable.append((directory, (str(e).strip().splitlines() or [type(e).__name__])[0]))
+            continue
+        if unreadable:
+            newest, why = unreadable[0]
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            say(f"note: checkpoint {newest} is unreadable ({why}){more}; resuming from the previous one, "
+                f"{directory.name}")
+        return resumed
+    if unreadable:
+        newest, why = unreadable[0]
+        raise CheckpointError(f"{out / CKPT_ROOT}: no checkpoint reads back (newest {newest.name}: {why}); move "
+                              "the directory away to start the stage afresh")
+    return None
+
+
+def save_checkpoint(out: Path, step: int, config: dict, state: dict, ema_state: dict | None,
+                    train_state: dict, keep: int, fingerprint: dict | None = None) -> Path:
+    """Write ckpt/step-N via a temp dir and a rename, then drop all but the newest `keep`."""
+    final = checkpoint_dir(out, step)
+    with staged_dir(final) as tmp:
+        write_model_dir(tmp, config, state, ema_state)
+        torch.save(train_state, tmp / STATE_FILE)
+        if fingerprint is not None:
+            write_json(tmp / RUN_FILE, {"step": step, "fingerprint": fingerprint})
+    for saved, old in checkpoints(out):
+        if saved > step:  # an unreadable newer checkpoint we resumed past: its trajectory is abandoned
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in (out / CKPT_ROOT).glob(".step-*.tmp"):  # left by a killed save (we hold the lock: none is live)
+        shutil.rmtree(stale, ignore_errors=True)
+    for _, old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def saved_fingerprint(directory: Path) -> dict | None:
+    """The fingerprint of the run that wrote a checkpoint; None for one from before they were recorded."""
+    return read_json(directory / RUN_FILE)["fingerprint"] if (directory / RUN_FILE).is_file() else None
+
+
+# ---- superseded runs: ckpt.superseded/<key>/ -----------------------------------------------------
+
+def set_aside(out: Path, key: str, fingerprint: dict | None) -> Path:
+    """Move the current run (its checkpoints, final weights, summary, metrics, samples) to
+    ckpt.superseded/<key>/, where a rerun with its settings finds it again."""
+    entry = out / SUPERSEDED_DIR / key
+    tmp = entry.with_name(f".{entry.name}.tmp")
+    for stale in (tmp, entry):  # an entry with the same key is an older copy of this very run
+        if stale.exists():
+            shutil.rmtree(stale)
+    tmp.mkdir(parents=True)
+    for name in RUN_OUTPUTS:
+        if (out / name).exists():
+            os.replace(out / name, tmp / name)
+    write_json(tmp / RUN_FILE, {"fingerprint": fingerprint, "set_aside": time.time()})
+    os.replace(tmp, entry)
+    return entry
+
+
+def superseded_runs(out: Path) -> list[tuple[float, Path, dict | None]]:
+    """(when set aside, entry, fingerprint) of each run under ckpt.superseded/, oldest first."""
+    runs = []
+    for entry in (out / SUPERSEDED_DIR).glob("*"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            info = read_json(entry / RUN_FILE)
+            runs.append((float(info["set_aside"]), entry, info["fingerprint"]))
+    return sorted(runs, key=lambda run: run[0])
+
+
+def restore_superseded(out: Path, entry: Path) -> None:
+    """Move a superseded run back into `out`, replacing what of a run lies there.
+
+    `out` holds no checkpoint here (the current run was set aside, or never saved one), so what
+    is replaced is at most the metrics of a run killed before its first checkpoint."""
+    for name in RUN_OUTPUTS:
+        left = out / name
+        if left.is_dir():
+            shutil.rmtree(left)
+        elif left.exists():
+            left.unlink()
+        if (entry / name).exists():
+            os.replace(entry / name, left)
+    shutil.rmtree(entry)
+
+
+def prune_superseded(out: Path, keep: int) -> None:
+    """Keep the `keep` most recently superseded runs."""
+    runs = superseded_runs(out)
+    for _, entry, _ in runs[: max(len(runs) - keep, 0)]:
+        shutil.rmtree(entry, ignore_errors=True)

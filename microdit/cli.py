@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from microdit.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("microdit.data.shapes", "generate the synthetic shapes world (smoke preset) as file:// URL lists"),
@@ -23,12 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("microdit.evaluate", "generate evaluation images and compute FID, CLIP score and GenEval"),
     "cost": ("microdit.cost", "wall time, GPU-hours and dollars per phase and stage, and a full-run projection"),
     "report": ("microdit.report", "build the self-contained results/report.html"),
+    "keys": ("microdit.keys", "every config key with its smoke value and help (config.yaml's reference)"),
     "dvc": ("microdit.dvc", "generate dvc.yaml (and params.yaml) from the Snakemake DAG, or check it is current"),
 }
-
-
-class UserError(Exception):
-    """An error caused by input the user controls; printed as one line, exit code 2."""
 
 
 def _help() -> str:
@@ -75,9 +74,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    # `python -m microdit.cli` / `torchrun -m microdit.cli`: run the imported module's main so that
-    # `microdit.cli.UserError` raised by commands is the class caught here
-    from microdit.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":  # `python -m microdit.cli` / `torchrun -m microdit.cli`
+    sys.exit(main())

@@ -1,9 +1,9 @@
 """Configuration: a preset supplies every key, the user's config.yaml overrides some of them.
 
 `resolve(user_config, workflow_dir)` merges the chosen preset (`workflow/presets/<name>.yaml`)
-with the user's keys, expands `{root}` in strings, and validates the result against
-`workflow/schemas/config.schema.yaml`. Every problem is reported as one line naming the key, before
-any job starts.
+with the user's keys, fills in the defaults of keys neither sets, expands `{root}` in strings, and
+validates the result against the schema `microdit.settings` declares. Every problem is reported as
+one line naming the key, before any job starts.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+from microdit import settings
 
 
 class ConfigError(ValueError):
@@ -153,6 +155,29 @@ def _check_sources(config: dict) -> None:
                               "(see sources.<name>.weight and .stages)")
 
 
+def stage_numbers(config: dict) -> list[int]:
+    """The training stages, in order (`train.stages` keys stage1..stageN)."""
+    return sorted(int(name.removeprefix("stage")) for name in config["train"]["stages"])
+
+
+def _check_stages(config: dict) -> None:
+    """Stages are trained in order, each from the previous one: their names count up from stage1."""
+    have = stage_numbers(config)
+    if have != list(range(1, len(have) + 1)):
+        raise ConfigError(f"config key 'train.stages': stages must be stage1 .. stage{len(have)} without gaps, got "
+                          + ", ".join(f"stage{n}" for n in have))
+    if config["train"]["stages"]["stage1"]["init_optimizer"]:
+        raise ConfigError("config key 'train.stages.stage1.init_optimizer': stage1 has no previous stage to take "
+                          "the optimizer state from; set it to false")
+    for where, wanted in [("evaluate.stages", config["evaluate"]["stages"])] + [
+            (f"sources.{name}.stages", spec["stages"]) for name, spec in sorted(config["sources"].items())
+            if "stages" in spec]:
+        unknown = sorted(set(wanted) - set(have))
+        if unknown:
+            raise ConfigError(f"config key '{where}': stage {unknown[0]} is not trained (train.stages has "
+                              f"stage1 .. stage{len(have)})")
+
+
 def _check_stage_resolutions(config: dict) -> None:
     """Training reads latents precomputed at its stage's resolution: one missing would fail the stage."""
     have = config["latents"]["resolutions"]
@@ -239,21 +264,26 @@ def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[
     Returns a new dict."""
     workflow_dir = Path(workflow_dir)
     user_config = deep_merge(user_config, command_line_config(command_line))
-    preset = user_config.get("preset", "smoke")
+    preset = user_config.get("preset", settings.Config.preset)
     preset_file = workflow_dir / "presets" / f"{preset}.yaml"
     if not isinstance(preset, str) or not preset_file.is_file():
         known = sorted(p.stem for p in (workflow_dir / "presets").glob("*.yaml"))
         raise ConfigError(f"config key 'preset': unknown preset {preset!r} (known: {', '.join(known)})")
-    schema = yaml.safe_load((workflow_dir / "schemas" / "config.schema.yaml").read_text())
+    schema = settings.json_schema()
     merged = _yaml11_fixes(deep_merge(load_yaml(preset_file), user_config), schema, schema)
     merged["preset"] = preset
     # `sources` is replaced whole only where the user names a source; a source set to null is removed
     merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
+    stages = merged.get("train", {}).get("stages")  # likewise a stage (a two-stage run drops stage3, stage4)
+    if isinstance(stages, dict):
+        merged["train"]["stages"] = {k: v for k, v in stages.items() if v is not None}
+    merged = settings.with_defaults(merged)
     validate(merged, schema)
     merged = _expand(merged, {"root": str(merged["root"]), "results": str(merged["results"])})
     _check_model_paths(merged)
     _check_sources(merged)
     _check_source_inputs(merged)
+    _check_stages(merged)
     _check_stage_resolutions(merged)
     return merged
 

@@ -8,10 +8,10 @@ recorded. Wall seconds add up over jobs (jobs that ran side by side each count i
 row of a TSV is the job's latest run, as in the report.
 
 Training stages: `<root>/checkpoints/stage{N}/summary.json` gives each stage's throughput, so
-images/s per device can be set against the paper's schedule (global batch 2048; 250K, 30K, 50K, 5K
-steps) for a projection of the full reproduction on this hardware. The projection is labelled
-with the model and hardware it was measured on; only MicroDiT_XL_2 at the paper's resolutions is
-comparable to the paper's 2.6 days on 8 H100s ($1,890). A second estimate scales the measured
+images/s per device can be set against the paper's schedule (`microdit.paper.STAGES`) for a
+projection of the full reproduction on this hardware. The projection is labelled with the model and
+hardware it was measured on; only MicroDiT_XL_2 at the paper's resolutions is comparable to the
+paper's cost (`microdit.paper.COST`, 2.6 days on 8 H100s). A second estimate scales the measured
 throughput by the ratio of forward FLOPs per image between the measured model and XL, i.e.
 assumes the hardware would reach the same FLOP/s on XL.
 """
@@ -25,7 +25,8 @@ import math
 import re
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit import paper
+from microdit.errors import UserError
 from microdit.io import read_json, write_json
 
 # rule name prefix -> phase; first match wins
@@ -42,17 +43,12 @@ PHASES = ("data", "captions", "latents", "training", "evaluation", "report", "ot
 GROUP_OF_PHASE = {"data": "download", "captions": "caption", "latents": "latents", "training": "train",
                   "evaluation": "evaluate", "report": "report"}
 
-PAPER_GLOBAL_BATCH = 2048
-PAPER_MODEL = "MicroDiT_XL_2"
-PAPER_SCHEDULE = {  # stage -> resolution (px), mask ratio, optimizer steps
-    1: {"resolution": 256, "mask_ratio": 0.75, "steps": 250_000},
-    2: {"resolution": 256, "mask_ratio": 0.0, "steps": 30_000},
-    3: {"resolution": 512, "mask_ratio": 0.75, "steps": 50_000},
-    4: {"resolution": 512, "mask_ratio": 0.0, "steps": 5_000},
-}
-PAPER_VAE_FACTOR = 8
-PAPER = {"days": 2.6, "gpus": 8, "gpu_type": "H100", "dollars": 1890, "pixart_alpha_dollars": 28400,
-         "price_per_gpu_hour": 3.75, "gpu_hours": 2.6 * 24 * 8}
+PAPER_GLOBAL_BATCH = paper.GLOBAL_BATCH
+PAPER_MODEL = paper.MODEL
+PAPER_SCHEDULE = {  # stage -> resolution (px), mask ratio, optimizer steps: what the projection uses
+    n: {k: stage[k] for k in ("resolution", "mask_ratio", "steps")} for n, stage in paper.STAGES.items()}
+PAPER_VAE_FACTOR = paper.VAE_FACTOR
+PAPER = paper.COST
 
 
 # ---------------------------------------------------------------- CLI
@@ -63,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", type=Path, help="results dir; its config.json is used when --config is not given")
     p.add_argument("--config", type=Path, help="resolved config.json (GPUs per rule group from `resources`)")
     p.add_argument("--out", required=True, type=Path, help="cost JSON to write (<results>/cost.json)")
-    p.add_argument("--price-per-gpu-hour", type=float, default=3.75, help="dollars per GPU-hour (paper: $3.75 per H100)")
-    p.add_argument("--gpu-type", default="H100", help="the GPU the price is for")
+    from microdit.settings import add_flags
+
+    add_flags(p, "cost")  # --gpu-type, --price-per-gpu-hour: the `cost` config keys
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,9 +238,9 @@ def projection(stages: dict[int, dict], flops: dict[int, tuple[int | None, int]]
     Totals are given only when every stage was measured.
     """
     per_stage, missing = {}, []
-    for n, paper in PAPER_SCHEDULE.items():
-        images = PAPER_GLOBAL_BATCH * paper["steps"]
-        entry: dict = {"images": images, "paper_resolution": paper["resolution"], "paper_mask_ratio": paper["mask_ratio"]}
+    for n, theirs in PAPER_SCHEDULE.items():
+        images = PAPER_GLOBAL_BATCH * theirs["steps"]
+        entry: dict = {"images": images, "paper_resolution": theirs["resolution"], "paper_mask_ratio": theirs["mask_ratio"]}
         ips = (stages.get(f"stage{n}") or {}).get("images_per_s_per_gpu")
         if not ips:
             missing.append(n)

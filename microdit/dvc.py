@@ -35,7 +35,9 @@ from typing import Any, Callable
 
 import yaml
 
-from microdit.cli import UserError
+from microdit.config import stage_numbers
+from microdit.errors import UserError
+from microdit.settings import command_keys, with_defaults
 
 PARAMS_FILE = "params.yaml"
 DVC_FILE = "dvc.yaml"
@@ -128,13 +130,6 @@ def phase(job: Job) -> str | None:
 WRITES_DIRECTORY = {"world": 1, "models": 2, "download": 1, "mds": 1, "latents": 1, "train": 1, "evaluate": 1}
 PERSIST = {"train"}  # checkpoints survive a rerun: a killed stage resumes, a changed one sets them aside
 
-TRAIN_KEYS = ("train.model", "train.patch_mixer", "train.caption_channels", "train.micro_batch", "train.ema_decay",
-              "train.moe_lr_scale", "train.compile", "train.fsdp", "train.ckpt_every", "train.keep",
-              "train.keep_superseded", "train.log_every", "train.sample_prompts")
-EVALUATE_KEYS = ("evaluate.num_images", "evaluate.steps", "evaluate.guidance", "evaluate.batch_size",
-                 "evaluate.geneval_prompts", "evaluate.geneval_per_task", "evaluate.geneval_images_per_prompt",
-                 "evaluate.fid_256")
-
 
 def _train_sources(job: Job, root: str) -> list[str]:
     prefix = f"{root}/latents/"
@@ -149,29 +144,32 @@ def _source_keys(job: Job, config: dict) -> list[str]:
 
 def _evaluate_reads(job: Job, config: dict) -> list[str]:
     tag = job.wildcards["tag"]
-    keys = ["seed", "device", *EVALUATE_KEYS]
+    keys = command_keys("evaluate")
     if tag == "stage0":  # the untrained baseline is built like the final stage's model
-        return keys + ["train.model", "train.patch_mixer", "train.caption_channels", "train.stages.stage4.resolution"]
+        final = f"stage{stage_numbers(config)[-1]}"
+        return keys + ["train.model", "train.patch_mixer", "train.caption_channels", f"train.stages.{final}.resolution"]
     return keys + [f"train.stages.{tag}.ema"]
 
 
-# The config keys each rule's command reads (besides its input files). A DVC stage's `params` is the
-# union over its jobs; tests/test_dvc.py changes keys one at a time and checks that exactly the jobs
-# whose command changes are the ones listing the key. `""` means the whole file.
+# The config keys each rule's command reads (besides its input files): the sections microdit.settings
+# says the command takes, and what the rule adds from elsewhere (a source's keys, ids and paths). A
+# DVC stage's `params` is the union over its jobs; tests/test_dvc.py changes keys one at a time and
+# checks that exactly the jobs whose command changes are the ones listing the key. `""` means the
+# whole file.
 READS: dict[str, Callable[[Job, dict], list[str]]] = {
     "world": lambda job, c: ["seed", "world"],
     "models": lambda job, c: ["seed", "models"],
-    "download": lambda job, c: ["download", *_source_keys(job, c)],
-    "caption": lambda job, c: ["caption", "device", "mds.min_size", *_source_keys(job, c)],
-    "mds": lambda job, c: ["mds", *_source_keys(job, c)],
-    "latents": lambda job, c: ["latents", "device", *_source_keys(job, c)],
+    "download": lambda job, c: [*command_keys("download"), *_source_keys(job, c)],
+    "caption": lambda job, c: [*command_keys("caption"), "mds.min_size", *_source_keys(job, c)],
+    "mds": lambda job, c: [*command_keys("mds"), *_source_keys(job, c)],
+    "latents": lambda job, c: [*command_keys("latents"), *_source_keys(job, c)],
     "funnel": lambda job, c: [],
-    "train": lambda job, c: ["seed", "device", *TRAIN_KEYS, f"train.stages.stage{job.wildcards['stage']}",
+    "train": lambda job, c: [*command_keys("train", f"stage{job.wildcards['stage']}"),
                              *(f"sources.{s}.weight" for s in _train_sources(job, c["root"]))],
     "evaluate": _evaluate_reads,
     "resolved_config": lambda job, c: [""],
     "dag": lambda job, c: [],
-    "cost": lambda job, c: ["cost"],
+    "cost": lambda job, c: command_keys("cost"),
     "report": lambda job, c: [],
 }
 
@@ -320,6 +318,10 @@ def preset_params(repo: Path, preset: str) -> dict:
         raise UserError(f"config error: {e}") from None
     merged = deep_merge(load_yaml(repo / "workflow" / "presets" / f"{preset}.yaml"), user)
     merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
+    stages = merged.get("train", {}).get("stages")
+    if isinstance(stages, dict):
+        merged["train"]["stages"] = {k: v for k, v in stages.items() if v is not None}
+    merged = with_defaults(merged)  # every key DVC may list as a stage's param is in the file
     return {"preset": preset, **{k: v for k, v in merged.items() if k != "preset"}}
 
 

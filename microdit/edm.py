@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from microdit.paper import SAMPLER
+
 SIGMA_DATA = 0.9
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
@@ -172,8 +174,8 @@ def heun_sample(
     model: Model,
     noise: torch.Tensor,
     captions: torch.Tensor,
-    steps: int = 30,
-    guidance: float = 5.0,
+    steps: int = SAMPLER["steps"],
+    guidance: float = SAMPLER["guidance"],
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
     rho: float = RHO,

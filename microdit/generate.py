@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from microdit.edm import heun_sample
+from microdit.paper import SAMPLER
 from microdit.text import TextEncoder
 
 
@@ -56,8 +57,8 @@ def generate(
     vae,
     text_encoder: TextEncoder,
     *,
-    steps: int = 30,
-    guidance: float = 5.0,
+    steps: int = SAMPLER["steps"],
+    guidance: float = SAMPLER["guidance"],
     seed: int = 0,
     batch_size: int = 16,
     latent_size: int | None = None,

@@ -9,18 +9,23 @@ A DiT over latent patches conditioned on caption embeddings, with the paper's fo
 Attention uses LayerNorm on queries and keys (no affine); every block is modulated by adaLN
 from timestep + pooled caption and cross-attends to the caption tokens.
 
-Module names and shapes follow the released checkpoints, so they load with `strict=True`.
+Module names and shapes follow the released checkpoints, so they load with `strict=True`. The
+named sizes are the table in `microdit.model_sizes`.
+
+Longer than 500 lines because it is one architecture, read top to bottom beside the official
+implementation: its blocks, the model they make and the FLOPs count that walks its modules.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from microdit import model_sizes
 from microdit.moe import ExpertChoiceMoE, round_up, trunc_normal_
 
 
@@ -539,17 +544,17 @@ class MicroDiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    # ---- persistence (see microdit.checkpoint) -----------------------------------------------
+    # ---- persistence: a model directory (microdit.weights; stage directories: microdit.checkpoint) --
     def save_pretrained(self, directory) -> None:
-        from microdit.checkpoint import save_pretrained
+        from microdit.weights import write_model_dir
 
-        save_pretrained(self, directory)
+        write_model_dir(directory, self.config, {k: v.detach().cpu() for k, v in self.state_dict().items()})
 
     @classmethod
     def from_pretrained(cls, directory, device: torch.device | str = "cpu") -> "MicroDiT":
-        from microdit.checkpoint import from_pretrained
+        from microdit.weights import read_model_dir
 
-        return from_pretrained(directory, device=device)
+        return read_model_dir(directory, model_from_config).to(device)
 
 
 def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
@@ -564,26 +569,10 @@ def _jsonable(args: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Named sizes
+# Named sizes (the table is microdit.model_sizes)
 # --------------------------------------------------------------------------------------------
 
-# Shared by every named size: patch 2, layer-wise scaling 0.5 -> 1 (qkv) and 0.5 -> 4 (FFN),
-# a wide patch-mixer (qkv 1, FFN 4), no biases in blocks, 8 experts of capacity 2 every 2nd block.
-_NAMED_DEFAULTS: dict[str, Any] = dict(
-    input_size=32, patch_size=2, in_channels=4, multiple_of=256, caption_channels=1024,
-    pos_interp_scale=1.0, norm_eps=1e-6, depth_init=True,
-    qkv_ratio_range=(0.5, 1.0), ffn_ratio_range=(0.5, 4.0),
-    use_patch_mixer=True, patch_mixer_qkv_ratio=1.0, patch_mixer_ffn_ratio=4.0,
-    bias=False, num_experts=8, expert_capacity=2.0, experts_every_n=2,
-)
-
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "MicroDiT_XL_2": dict(dim=1024, depth=28, head_dim=64, patch_mixer_depth=6, patch_mixer_dim=768),
-    "MicroDiT_Tiny_2": dict(dim=512, depth=16, head_dim=32, patch_mixer_depth=4, patch_mixer_dim=512),
-    # CPU smoke size: every mechanism of XL (mixer at its own width with an MoE block, layer-wise
-    # scaling, MoE in the backbone), small enough to train on a laptop.
-    "MicroDiT_Smoke_2": dict(dim=128, depth=4, head_dim=32, patch_mixer_depth=2, patch_mixer_dim=96, multiple_of=32),
-}
+MODEL_CONFIGS: dict[str, dict[str, Any]] = model_sizes.SIZES  # name -> what it sets on top of model_sizes.SHARED
 
 
 def build_model(name: str, **overrides: Any) -> MicroDiT:
@@ -591,30 +580,27 @@ def build_model(name: str, **overrides: Any) -> MicroDiT:
 
     The model's `config` records the name and the overrides, which is all `from_pretrained` needs.
     """
-    arch = name if name in ARCHITECTURES else f"MicroDiT_{name}"
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown MicroDiT size {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    model = MicroDiT(**{**_NAMED_DEFAULTS, **ARCHITECTURES[arch], **overrides})
+    arch = name if name in MODEL_CONFIGS else f"MicroDiT_{name}"
+    if arch not in MODEL_CONFIGS:
+        raise ValueError(f"unknown MicroDiT size {name!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+    model = MicroDiT(**{**model_sizes.SHARED, **MODEL_CONFIGS[arch], **overrides})
     model.config = {"architecture": arch, **_jsonable(overrides)}
     return model
 
 
-def MicroDiT_XL_2(**overrides: Any) -> MicroDiT:
-    """The paper's model: 1.16B parameters (dim 1024, 28 blocks, mixer 6 x 768)."""
-    return build_model("MicroDiT_XL_2", **overrides)
+def _factory(name: str) -> Callable[..., MicroDiT]:
+    def factory(**overrides: Any) -> MicroDiT:
+        return build_model(name, **overrides)
+
+    factory.__name__ = factory.__qualname__ = name  # pickles by name, reads as itself in tracebacks
+    factory.__doc__ = f"`build_model({name!r}, **overrides)`: {MODEL_CONFIGS[name]}."
+    return factory
 
 
-def MicroDiT_Tiny_2(**overrides: Any) -> MicroDiT:
-    """dim 512, 16 blocks, mixer 4 x 512: 201M parameters."""
-    return build_model("MicroDiT_Tiny_2", **overrides)
-
-
-def MicroDiT_Smoke_2(**overrides: Any) -> MicroDiT:
-    """dim 128, 4 blocks, mixer 2 x 96: the smoke preset's CPU-sized model."""
-    return build_model("MicroDiT_Smoke_2", **overrides)
-
-
-MODELS = {"MicroDiT_XL_2": MicroDiT_XL_2, "MicroDiT_Tiny_2": MicroDiT_Tiny_2, "MicroDiT_Smoke_2": MicroDiT_Smoke_2}
+MODELS: dict[str, Callable[..., MicroDiT]] = {name: _factory(name) for name in MODEL_CONFIGS}
+MicroDiT_XL_2 = MODELS["MicroDiT_XL_2"]  # the paper's model
+MicroDiT_Tiny_2 = MODELS["MicroDiT_Tiny_2"]
+MicroDiT_Smoke_2 = MODELS["MicroDiT_Smoke_2"]  # the smoke preset's CPU-sized model
 
 
 def model_from_config(config: dict[str, Any]) -> MicroDiT:
@@ -623,8 +609,8 @@ def model_from_config(config: dict[str, Any]) -> MicroDiT:
     arch = config.pop("architecture", None)
     if arch == "MicroDiT":
         return MicroDiT(**config)
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"config names unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    if arch not in MODEL_CONFIGS:
+        raise ValueError(f"config names unknown architecture {arch!r}; expected one of {', '.join(MODEL_CONFIGS)}")
     return build_model(arch, **config)
 
 

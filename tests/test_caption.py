@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.cli import main as cli_main
 from microdit.data import caption as caption_mod
 from microdit.data.webdataset import write_shard

@@ -13,7 +13,7 @@ from microdit.checkpoint import (
     read_state_dict,
     save_pretrained,
 )
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.models import MicroDiT_Smoke_2
 from test_models import CAPTION_CHANNELS, inputs, randomize, smoke
 

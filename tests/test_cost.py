@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from microdit import cost
-from microdit.cli import UserError
+from microdit.errors import UserError
 
 HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
 RESOURCES = {

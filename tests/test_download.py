@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from http_server import LoopbackServer
-from microdit.cli import UserError, main
+from microdit.cli import main
+from microdit.errors import UserError
 from microdit.data.download import normalise_url_list
 from microdit.data.sources.layout import failure_reason
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.config import deep_merge, load_yaml, resolve
 from microdit.dvc import build_dvc, generate, params_text, phase, preset_params, snakemake_jobs
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from microdit import distributed, eval_data, image_grid
 from microdit import evaluate as ev
-from microdit.cli import UserError
+from microdit.errors import UserError
+from microdit.metrics import registry
 
 torch.set_num_threads(1)
 
@@ -215,13 +217,13 @@ def test_export_skips_corrupt_images_and_is_made_once(world, tmp_path):
     from microdit.metrics import fid as fidlib
 
     mds = world / "mds" / "shapes_eval"
-    real = ev.export_eval_split(mds, tmp_path / "cache")
+    real = eval_data.export_eval_split(mds, tmp_path / "cache")
     export = json.loads((real / "export.json").read_text())
     assert export["images"] == 12 and export["skipped"] == {"unreadable": 0, "corrupt": 1}
-    rows = [json.loads(x) for x in (real / ev.REAL_INDEX).read_text().splitlines()]
+    rows = [json.loads(x) for x in (real / eval_data.REAL_INDEX).read_text().splitlines()]
     assert [r["key"] for r in rows] == [f"eval_{i:03d}" for i in range(12)]
     first = pngs(real)
-    assert ev.export_eval_split(mds, tmp_path / "cache") == real and pngs(real) == first
+    assert eval_data.export_eval_split(mds, tmp_path / "cache") == real and pngs(real) == first
     # real against real: FID ~ 0, through the same cached-statistics path the evaluation uses
     extractor = fidlib.load_extractor(world / "models" / "fid")
     ref = fidlib.reference_stats(real, real.name, extractor, tmp_path / "stats", RES)
@@ -231,7 +233,7 @@ def test_export_skips_corrupt_images_and_is_made_once(world, tmp_path):
 
 def test_bad_inputs_are_one_line_errors(world, tmp_path):
     with pytest.raises(UserError, match="index.json"):
-        ev.export_eval_split(tmp_path / "nothing", tmp_path / "cache")
+        eval_data.export_eval_split(tmp_path / "nothing", tmp_path / "cache")
     args = cli_args(world, tmp_path / "out")
     args.resolution = None
     with pytest.raises(UserError, match="--resolution"):
@@ -247,7 +249,7 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
     args = cli_args(world, tmp_path / "out")
     args.geneval_prompts = str(tmp_path / "missing.jsonl")
     with pytest.raises(UserError, match="missing.jsonl"):
-        ev.geneval_prompt_set(args)
+        eval_data.geneval_prompt_set(args)
 
 
 # ---------------------------------------------------------------- pieces
@@ -255,21 +257,21 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
 
 def test_draw_captions_is_seeded_and_cycles_through_the_split():
     pool = ["a", "b", "", "c", "d"]
-    drawn = ev.draw_captions(pool, 4, seed=3)
-    assert drawn == ev.draw_captions(pool, 4, seed=3) and sorted(drawn) == ["a", "b", "c", "d"]
-    assert ev.draw_captions(pool, 4, seed=4) != drawn or ev.draw_captions(pool, 4, seed=5) != drawn
-    more = ev.draw_captions(pool, 10, seed=3)
+    drawn = eval_data.draw_captions(pool, 4, seed=3)
+    assert drawn == eval_data.draw_captions(pool, 4, seed=3) and sorted(drawn) == ["a", "b", "c", "d"]
+    assert eval_data.draw_captions(pool, 4, seed=4) != drawn or eval_data.draw_captions(pool, 4, seed=5) != drawn
+    more = eval_data.draw_captions(pool, 10, seed=3)
     assert more[:4] == drawn  # asking for more keeps the first ones
     assert all(more.count(c) in (2, 3) for c in "abcd") and "" not in more
     with pytest.raises(UserError):
-        ev.draw_captions(["", " "], 2, 0)
+        eval_data.draw_captions(["", " "], 2, 0)
 
 
 def test_contiguous_runs_and_rank_shares():
     assert ev.contiguous_runs([0, 1, 2, 3, 4, 7, 8, 10], 3) == [[0, 1, 2], [3, 4], [7, 8], [10]]
     assert ev.contiguous_runs([], 4) == []
     items = list(range(3, 20))
-    shares = [ev.rank_share(items, r, 4) for r in range(4)]
+    shares = [distributed.rank_share(items, r, 4) for r in range(4)]
     assert sum(shares, []) == items and max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
@@ -290,24 +292,24 @@ def test_generate_images_seeds_each_image_by_its_index(tmp_path):
 
 def test_cap_per_task_keeps_file_order():
     meta = [{"tag": t, "prompt": f"{t}{i}"} for t in ("a", "b") for i in range(5)] + [{"tag": "c", "prompt": "c0"}]
-    kept = ev.cap_per_task(meta, 2, seed=0)
+    kept = eval_data.cap_per_task(meta, 2, seed=0)
     assert [m["tag"] for m in kept] == ["a", "a", "b", "b", "c"]
     assert kept == [m for m in meta if m in kept]
-    assert ev.cap_per_task(meta, None, 0) == meta
+    assert eval_data.cap_per_task(meta, None, 0) == meta
 
 
 def test_fid_record_is_comparable_only_for_inception_at_30k():
     raw = {"fid": 12.0, "comparable": True, "extractor": "cleanfid_inception", "resolution": 256, "reference": "coco",
            "n_generated": 30_000, "n_reference": 40_504, "skipped_generated": 0, "skipped_reference": 0}
-    assert ev.fid_record(raw, "coco")["comparable"] is True
-    small = ev.fid_record({**raw, "n_generated": 5000}, "coco")
+    assert registry.fid_record(raw, "coco")["comparable"] is True
+    small = registry.fid_record({**raw, "n_generated": 5000}, "coco")
     assert small["comparable"] is False and "5000" in small["note"]
-    assert ev.fid_record({**raw, "comparable": False, "note": "untrained"}, "coco")["comparable"] is False
+    assert registry.fid_record({**raw, "comparable": False, "note": "untrained"}, "coco")["comparable"] is False
 
 
 def test_wrap():
-    assert ev.wrap("a red circle left of a blue square", 12, 3) == ["a red circle", "left of a", "blue square"]
-    cut = ev.wrap("one two three four five six seven eight", 9, 2)
+    assert image_grid.wrap("a red circle left of a blue square", 12, 3) == ["a red circle", "left of a", "blue square"]
+    cut = image_grid.wrap("one two three four five six seven eight", 9, 2)
     assert len(cut) == 2 and cut[-1].endswith("...") and all(len(x) <= 9 for x in cut)
 
 

@@ -18,7 +18,8 @@ import torch
 from test_faults_workflow import _snakemake
 from test_train import STEPS, argv_for, assert_same_weights, data, losses, straight, train  # noqa: F401 (fixtures)
 
-from microdit.train import EXIT_RESUMABLE, checkpoints, read_checkpoint
+from microdit.checkpoint import checkpoints, read_checkpoint
+from microdit.train import EXIT_RESUMABLE
 
 torch.set_num_threads(1)
 
@@ -81,7 +82,7 @@ FAULTY_TRAINER = """
 import io, os, signal, sys
 import torch
 torch.set_num_threads(1)
-import microdit.edm, microdit.train
+import microdit.edm, microdit.training.loop
 from microdit.cli import main
 
 fault, where, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -96,13 +97,13 @@ if where == "loss":  # at the `at`-th loss evaluation (2 per step here), before 
         return real_loss(*a, **k)
     microdit.edm.edm_loss = edm_loss
 elif where == "after-checkpoint":  # once checkpoint step-`at` is in place, before anything else
-    real_save = microdit.train.save_checkpoint
+    real_save = microdit.training.loop.save_checkpoint
     def save_checkpoint(out, step, *a, **k):
         saved = real_save(out, step, *a, **k)
         if step == at:
             send()
         return saved
-    microdit.train.save_checkpoint = save_checkpoint
+    microdit.training.loop.save_checkpoint = save_checkpoint
 elif where == "mid-checkpoint":  # half of step-`at`'s train_state.pt on disk, the weights written
     real_torch_save = torch.save
     def save(obj, path, *a, **k):

@@ -24,7 +24,9 @@ import microdit.io
 from microdit.checkpoint import CheckpointError
 from microdit.cli import main
 from microdit.io import read_json
-from microdit.train import EXIT_RESUMABLE, LOCK_FILE, SUPERSEDED_DIR, checkpoints
+from microdit.checkpoint import checkpoints
+from microdit.checkpoint import LOCK_FILE, SUPERSEDED_DIR
+from microdit.train import EXIT_RESUMABLE
 
 torch.set_num_threads(1)
 
@@ -276,9 +278,9 @@ import os, sys
 from pathlib import Path
 import torch
 from microdit.checkpoint import save_pretrained
-from microdit.checkpoint import save_safetensors
+from microdit.weights import save_safetensors
 from microdit.models import build_model
-from microdit.train import write_model_dir
+from microdit.checkpoint import write_model_dir
 
 os.umask(0o002)
 out = Path(sys.argv[1])

@@ -17,10 +17,11 @@ import yaml
 
 from microdit.config import ConfigError, _subschema, load_yaml, resolve
 from microdit.dvc import snakemake_jobs
+from microdit.settings import json_schema
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflow"
-SCHEMA = yaml.safe_load((WORKFLOW / "schemas" / "config.schema.yaml").read_text())
+SCHEMA = json_schema()
 
 # ---- shell injection: every config string reaches the rule shells as one quoted word ----------------
 
@@ -40,7 +41,8 @@ def _free_string(schema: dict) -> bool:
     while "$ref" in schema:
         schema = SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
     types = schema.get("type", [])
-    return "string" in ([types] if isinstance(types, str) else types) and "enum" not in schema
+    return "string" in ([types] if isinstance(types, str) else types) and "enum" not in schema \
+        and "pattern" not in schema
 
 
 def _string_keys(value, schema: dict, path: tuple = ()) -> list[tuple]:

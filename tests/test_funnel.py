@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.funnel import source_funnel
 from microdit.io import write_json
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.loader import build_latent_loader, caption_dropped
 from microdit.io import write_json
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.metrics.clip_score import clip_score, clip_similarity
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.metrics import fid as fidlib
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.metrics import geneval as ge
 
 
@@ -115,7 +115,7 @@ def test_position_rule_and_its_margin():
 
 
 def test_position_rule_agrees_with_the_shapes_world():
-    from microdit.data.shapes import relative_position as world_rule
+    from microdit.data.shapes_draw import relative_position as world_rule
 
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -7,7 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from microdit import settings
 from microdit.models import (
+    MODEL_CONFIGS,
     MODELS,
     MicroDiT,
     MicroDiT_Smoke_2,
@@ -328,3 +330,12 @@ def test_flops_xl_ballpark():
     # patches leaves the caption path and the mixer at full cost
     assert 0.2e12 < full < 0.3e12
     assert 0.2 < masked / full < 0.5
+
+
+def test_settings_offer_exactly_the_sizes_the_models_build():
+    assert settings.MODEL_SIZES == tuple(MODEL_CONFIGS) == tuple(MODELS)
+    for name in settings.MODEL_SIZES:
+        with torch.device("meta"):  # construction only: XL's weights would cost seconds and gigabytes
+            model = build_model(name, input_size=4)
+            assert MODELS[name](input_size=4).config == model.config == {"architecture": name, "input_size": 4}
+        assert model.grid_size == 2 and len(model.blocks) == MODEL_CONFIGS[name]["depth"]

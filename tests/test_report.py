@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.io import write_json
 from microdit.report import add_arguments, build_report, layout_dag, parse_dot, run
 

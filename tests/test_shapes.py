@@ -15,21 +15,16 @@ from microdit.cli import main as cli_main
 from microdit.data import shapes
 from microdit.data.shapes import (
     GENEVAL_TASKS,
-    PALETTE,
-    RELATIONS,
-    SHAPES,
     caption_for,
     geneval_prompts,
-    group_relation,
     objects_for_prompt,
     place_objects,
-    relative_position,
-    render,
     sample_objects,
-    shape_mask,
     task_prompts,
 )
-from microdit.data.shapes_detect import detect, evaluate_prompt
+from microdit.data.shapes_draw import PALETTE, RELATIONS, SHAPES, group_relation, relative_position, render, shape_mask
+from microdit.data.shapes_detect import detect
+from microdit.metrics.geneval import evaluate_prompt
 
 COUNTS = {"shapes_real": 40, "shapes_sa": 12, "shapes_synth": 24, "shapes_eval": 16}
 BAD = 4  # cycles dead URL, corrupt, too small, dead URL

@@ -90,7 +90,7 @@ def test_four_stages_chain_and_resolutions(data_run):
         assert json.loads(rows[-1])["step"] == SMALL["train"]["stages"][f"stage{n}"]["steps"]
         assert np.isfinite(s["final_loss"])
         assert (data_run / f"data/checkpoints/stage{n}/samples.png").is_file()
-    from microdit.train import load_trained
+    from microdit.checkpoint import load_trained
 
     model = load_trained(data_run / "data/checkpoints/stage4/final", ema=True)
     assert model.config["input_size"] == 16 and model.config["pos_interp_scale"] == 2.0

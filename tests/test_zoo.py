@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from microdit import zoo
-from microdit.cli import UserError, main
+from microdit.cli import main
+from microdit.errors import UserError
 
 COLORS = {"red": (220, 40, 40), "green": (40, 165, 70), "blue": (40, 90, 225), "yellow": (240, 220, 30)}
 TEXT_DIM = 48
@@ -392,7 +393,7 @@ CAPTIONS = [
 def test_converted_text_tower_matches_openclip(openclip_dir, tmp_path):
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from microdit.zoo_convert import convert_openclip_text_tower
+    from microdit.zoo.openclip import convert_openclip_text_tower
 
     src, reference, open_clip = openclip_dir
     facts = convert_openclip_text_tower(src, tmp_path / "te")
@@ -429,7 +430,7 @@ def test_local_openclip_dir_is_converted_by_the_cli(openclip_dir, tmp_path):
 
 
 def test_unsupported_openclip_text_options_are_rejected():
-    from microdit.zoo_convert import convert_text_state_dict, text_config_from_openclip
+    from microdit.zoo.openclip import convert_text_state_dict, text_config_from_openclip
 
     cfg = {"embed_dim": 8, "text_cfg": {"width": 16, "heads": 2, "layers": 1, "ls_init_value": 1e-4}}
     with pytest.raises(ValueError, match="ls_init_value"):

@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from microdit.cli import UserError
+from microdit.errors import UserError
+from microdit.settings import add_flags
 from microdit.data.webdataset import ReadStats, iter_samples, list_shards
 from microdit.io import atomic_path, read_json, write_json
 
-DEFAULT_PROMPT = "Describe this image and its style in a very detailed manner."
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -40,18 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw", required=True, help="raw webdataset source directory (tar shards)")
     p.add_argument("--out", required=True, help="output parquet, e.g. <root>/captions/SRC.parquet")
     p.add_argument("--model", required=True, help="LLaVA directory (HF format) or hub id")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction given with every image")
-    p.add_argument("--max-new-tokens", type=int, default=77)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--chunk-size", type=int, default=512,
-                   help="images per resumable part file (work lost on a crash is at most this)")
+    add_flags(p, "caption", top=("device",))  # the `caption` config keys, and `device`
     p.add_argument("--min-size", type=int, default=0,
                    help="skip images whose short side is below this (the MDS stage drops them anyway)")
     p.add_argument("--max-images", type=int, default=None,
                    help="caption at most this many images of the source, in shard order (debugging)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
 
 
 class Captioner:

@@ -21,16 +21,18 @@ import json
 import math
 import os
 import shutil
+import typing
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
+from microdit.settings import Download, add_flags
 from microdit.data.sources import (COMMON_OPTIONS, FETCHERS, FetchContext, as_bool, as_list, as_optional_str, fetch,
                                    fetcher, parse_options, parse_with)
 from microdit.data.sources.images import FETCHER_RESIZE_MODES, ImageOptions
 from microdit.data.sources.layout import shard_stats, summarize, top_reasons
 from microdit.io import atomic_path, write_json
 
-RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+RESIZE_MODES = typing.get_args(typing.get_type_hints(Download)["resize_mode"])  # fetchers: no, keep_ratio*
 ENCODE_FORMATS = ("jpg", "png", "webp")
 LIST_FORMATS = ("parquet", "tsv", "csv", "txt", "jsonl")
 NOT_UTF8 = "text not utf-8 (replaced)"  # the "repaired" reason of a list row decoded with U+FFFD
@@ -60,15 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory, e.g. <root>/raw/<source>")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="kind-specific option, repeatable (an unknown key lists the known ones)")
-    p.add_argument("--image-size", type=int, default=512, help="target size of --resize-mode (0: no resizing)")
-    p.add_argument("--resize-mode", default="keep_ratio", choices=RESIZE_MODES,
-                   help="img2dataset's resize modes; fetchers support no, keep_ratio, keep_ratio_largest")
-    p.add_argument("--min-image-size", type=int, default=0, help="drop (and count) images with a shorter side")
-    p.add_argument("--processes", type=int, default=1, help="img2dataset processes / parallel fetcher shards")
-    p.add_argument("--threads", type=int, default=16, help="img2dataset download threads per process")
-    p.add_argument("--timeout", type=float, default=10, help="network timeout in seconds")
-    p.add_argument("--retries", type=int, default=0, help="retries per URL (urls) or per archive (fetchers)")
-    p.add_argument("--samples-per-shard", type=int, default=10000, help="samples per shard (urls, coco, textcaps)")
+    add_flags(p, "download")  # --image-size, --resize-mode, ...: the `download` config keys
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = options_help()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.io import read_json, write_json
 
 

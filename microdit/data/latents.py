@@ -22,7 +22,8 @@ the VAE's and text encoder's files are part of its identity, so a rebuilt MDS sh
 model makes its parts again. An input shard whose bytes no longer match the xxh3 its index
 recorded is an error naming it, before anything is encoded from it. Under
 torchrun rank r takes the parts with i % world_size == r on its own GPU, and rank 0 merges the
-parts' indexes into `<out>/index.json` once all parts exist.
+parts' indexes into `<out>/index.json` once all parts exist. The models and what a latent is made
+with live in `microdit.data.encoders`.
 """
 from __future__ import annotations
 
@@ -33,16 +34,18 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from PIL import Image
 
-from microdit.cli import UserError
+from microdit.data.encoders import Encoders, load_encoders
 from microdit.data.shard_hash import SHARD_HASH, file_xxh3, shard_matches
+from microdit.distributed import Runtime
+from microdit.errors import UserError
 from microdit.io import read_json, write_json
+from microdit.settings import add_flags
 
 PART_META = "_part.json"
 SUMMARY = "_summary.json"
@@ -110,98 +113,6 @@ class ShardImages(torch.utils.data.Dataset):
 
 def _collate(items: list[dict]) -> list[dict]:
     return items
-
-
-# ---------------------------------------------------------------- models
-
-
-@dataclass
-class Encoders:
-    """The frozen VAE and text encoder, with the settings that decide what a latent is."""
-
-    vae: Any
-    text_encoder: Any
-    device: torch.device
-    dtype: torch.dtype
-    posterior: str = "sample"
-    digests: dict = field(default_factory=dict)  # {"vae": ..., "text_encoder": ...}: model_digest of each
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def shift_factor(self) -> float | None:
-        shift = getattr(self.vae.config, "shift_factor", None)
-        return None if shift is None else float(shift)
-
-    def latent_shape(self, resolution: int) -> list[int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        if resolution % factor:
-            raise UserError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
-        return [int(self.vae.config.latent_channels), resolution // factor, resolution // factor]
-
-    @torch.inference_mode()
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> scaled float16 latents on the CPU."""
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        z = posterior.sample(generator=generator) if self.posterior == "sample" else posterior.mode()
-        if self.shift_factor is not None:
-            z = z - self.shift_factor
-        return (z.float() * self.scaling_factor).to(torch.float16).cpu()
-
-    @torch.inference_mode()
-    def encode_captions(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> (B, 77, D) float16 on the CPU."""
-        return self.text_encoder.encode(list(captions)).float().to(torch.float16).cpu()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def load_encoders(vae_path: str | os.PathLike, text_encoder_path: str | os.PathLike, device: str = "auto",
-                  dtype: str = "auto", posterior: str = "sample") -> Encoders:
-    """Load both models with `from_pretrained`; dtype "auto" is bfloat16 on a GPU, float32 on CPU."""
-    from diffusers import AutoencoderKL
-
-    from microdit.text import TextEncoder
-
-    dev = resolve_device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    torch_dtype = getattr(torch, dtype)
-    for role, path in (("VAE", vae_path), ("text encoder", text_encoder_path)):
-        if not (Path(path) / "config.json").is_file() and not (Path(path) / "vae" / "config.json").is_file():
-            raise UserError(f"{role} directory {path} has no config.json: run `microdit models` first")
-    vae_dir = Path(vae_path) / "vae" if (Path(vae_path) / "vae" / "config.json").is_file() else Path(vae_path)
-    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype).to(dev).eval().requires_grad_(False)
-    text_encoder = TextEncoder.from_pretrained(text_encoder_path, device=dev, dtype=torch_dtype)
-    digests = {"vae": model_digest(vae_dir), "text_encoder": model_digest(text_encoder_path)}
-    return Encoders(vae=vae, text_encoder=text_encoder, device=dev, dtype=torch_dtype, posterior=posterior,
-                    digests=digests)
-
-
-def model_digest(directory: str | os.PathLike) -> str:
-    """xxh3-128 of every file of a model directory (names and bytes), so retrained weights or a new
-    tokenizer give new latents. MODEL_INFO.json is left out: it records when, not what."""
-    import xxhash
-
-    directory = Path(directory)
-    digest = xxhash.xxh3_128()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory)
-        if name.as_posix() == "MODEL_INFO.json" or any(part.startswith(".") for part in name.parts):
-            continue  # provenance, and hidden download/cache debris
-        digest.update(f"{name.as_posix()}\0".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- input shards
@@ -361,11 +272,6 @@ def _write_part(index: int, shard: dict, mds_dir: Path, tmp: Path, encoders: Enc
 # ---------------------------------------------------------------- ranks and merge
 
 
-def world() -> tuple[int, int]:
-    """(rank, world_size) from the torchrun environment; (0, 1) when run alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def encode_rank(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, encoders: Encoders,
                 resolutions: list[int], *, rank: int = 0, world_size: int = 1, batch_size: int = 32,
                 workers: int = 0, seed: int = 0, image_column: str = "image",
@@ -393,8 +299,6 @@ def encode_rank(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, encoders
 
 def wait_for_parts(out_dir: Path, n_parts: int, timeout: float, poll: float = 5.0) -> None:
     """Block until every part directory exists (other ranks finished), or fail naming the missing ones."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
     deadline = time.monotonic() + timeout
     while True:
         missing = [part_name(i) for i in range(n_parts) if not (out_dir / part_name(i) / PART_META).is_file()]
@@ -435,18 +339,20 @@ def precompute(mds_dir: str | os.PathLike, out_dir: str | os.PathLike, encoders:
                image_column: str = "image", caption_column: str = "caption", rank: int | None = None,
                world_size: int | None = None, wait_timeout: float = 3600.0,
                progress: bool | None = None) -> dict | None:
-    """Encode this rank's parts; on rank 0 also wait for the others, merge and write the summary."""
-    env_rank, env_world = world()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
+    """Encode this rank's parts; on rank 0 also wait for the others, merge and write the summary.
+
+    Rank and world size come from torchrun's environment unless given. Rank 0 waits for the other
+    ranks' parts by watching for them, up to `wait_timeout` (the stage joins no process group)."""
+    rt = Runtime.from_env()
+    rt.rank = rt.rank if rank is None else rank
+    rt.world_size = rt.world_size if world_size is None else world_size
     mds_dir, out_dir = Path(mds_dir), Path(out_dir)
     n_parts = len(input_shards(mds_dir))
-    encode_rank(mds_dir, out_dir, encoders, resolutions, rank=rank, world_size=world_size,
+    encode_rank(mds_dir, out_dir, encoders, resolutions, rank=rt.rank, world_size=rt.world_size,
                 batch_size=batch_size, workers=workers, seed=seed, image_column=image_column,
                 caption_column=caption_column, progress=progress)
-    if rank != 0:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 waits here for everyone
+    rt.barrier()  # when the ranks do share a process group, rank 0 waits here for everyone
+    if not rt.main:
         return None
     wait_for_parts(out_dir, n_parts, wait_timeout)
     totals = merge_parts(out_dir, n_parts)
@@ -476,20 +382,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output dir: one MDS dataset of latents")
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL dir (or a dir with a vae/ subfolder)")
     p.add_argument("--text-encoder", required=True, help="CLIP text model + tokenizer dir")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="center-crop sizes in pixels")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call, per process")
-    p.add_argument("--workers", type=int, default=None,
-                   help="image decoding processes per rank (default: 4 on a GPU, 0 on CPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU); latents are stored float16")
-    p.add_argument("--posterior", default="sample", choices=["sample", "mode"],
-                   help="sample the VAE posterior (official precompute) or take its mean")
-    p.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (per part)")
+    add_flags(p, "latents", top=("device", "seed"))  # the `latents` keys; seed: the posterior noise (per part)
     p.add_argument("--image-column", default="image", help="image column of the input MDS")
     p.add_argument("--caption-column", default="caption", help="caption column of the input MDS")
-    p.add_argument("--wait-timeout", type=float, default=3600.0,
-                   help="seconds rank 0 waits for the other ranks' parts before failing")
 
 
 def run(args: argparse.Namespace) -> int:

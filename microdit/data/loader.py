@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.io import read_json
 
 CAPTION_DROP = 0.1  # the paper's caption drop probability

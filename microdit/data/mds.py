@@ -33,7 +33,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from microdit.cli import UserError
+from microdit.errors import UserError
+from microdit.settings import add_flags
 from microdit.lifetime import die_with_parent
 from microdit.data.shard_hash import SHARD_HASH
 from microdit.data.webdataset import ReadStats, Sample, iter_samples, list_shards, shard_keys
@@ -51,12 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parquet (key, caption) from `microdit caption`; overrides --caption-field")
     p.add_argument("--caption-field", default="txt",
                    help="where captions live in the shards: `txt` or `json:<field>` of the metadata")
-    p.add_argument("--min-size", type=int, default=256, help="drop images whose short side is below this")
-    p.add_argument("--max-size", type=int, default=512, help="downscale so the short side is at most this")
-    p.add_argument("--image-format", choices=["jpeg", "png"], default="jpeg")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images")
-    p.add_argument("--resample", choices=sorted(RESAMPLE), default="bicubic")
-    p.add_argument("--shard-size", default="256mb", help="MDS shard size limit (bytes or e.g. 256mb)")
+    add_flags(p, "mds")  # --min-size, --max-size, ...: the `mds` config keys
     p.add_argument("--workers", type=int, default=1, help="tar shards converted in parallel")
 
 

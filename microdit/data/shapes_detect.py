@@ -1,4 +1,4 @@
-"""Object detector for the shapes world, exact by construction; plus GenEval-style prompt scoring.
+"""Object detector for the shapes world, exact by construction.
 
 A pixel takes the nearest palette colour when it lies within `max_color_distance` of it (RGB);
 pixels sharing a colour form 8-connected components; a component's shape is the ideal shape that,
@@ -10,14 +10,15 @@ returns the ground truth, each with score 1.
 On generated images colours drift and edges blur. Drifted pixels are left out, components smaller
 than `min_area` are ignored as noise, and the score - shape IoU x colour fit - falls with how far a
 blob is from an ideal shape in a palette colour, so a GenEval-style confidence threshold separates
-clean objects from smudges.
+clean objects from smudges. GenEval scores these detections in `microdit.metrics.geneval`
+(`ShapesDetector`, `evaluate_prompt`); this module knows nothing of GenEval.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from microdit.data.shapes import PALETTE, SHAPES, shape_mask
+from microdit.data.shapes_draw import PALETTE, SHAPES, shape_mask
 
 MIN_AREA_FRACTION = 0.004  # of the image: ~65 px at 128 px, half the smallest world object (a small star)
 # An irregular blob still overlaps some ideal shape by ~0.5-0.7 IoU; confidence starts above that,
@@ -90,15 +91,3 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
-
-def evaluate_prompt(
-    meta: dict, detections: list[dict], threshold: float = 0.3, counting_threshold: float = 0.9
-) -> tuple[bool, str]:
-    """Score one image's detections against GenEval metadata with GenEval's rules
-    (`microdit.metrics.geneval.judge`, colours from the detector); returns (correct, reasons)."""
-    from microdit.metrics.geneval import Rules, detection_colour, judge
-
-    found = [{"label": d["shape"], "score": d["score"], "bbox": d["bbox"], "color": d["color"]} for d in detections]
-    correct, reasons = judge(meta, found, detection_colour, None,
-                             Rules(threshold=threshold, counting_threshold=counting_threshold))
-    return correct, "; ".join(reasons)

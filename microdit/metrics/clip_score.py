@@ -18,7 +18,7 @@ def load_clip(model_dir: str | os.PathLike, device: str | torch.device = "cpu"):
     """(CLIPModel in eval mode on `device`, CLIPProcessor, the model's name for the record)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -49,11 +49,12 @@ WEIGHT_FILES = {"cleanfid_inception": "inception-2015-12-05.pt", "torchvision_in
 def load_extractor(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> FeatureExtractor:
     """The FID feature extractor stored in `model_dir` by the models stage (kinds: module docstring).
 
-    The network itself comes from `microdit.zoo.load_fid_extractor`, the one reader of that
-    format; here its files are checked and its weights fingerprinted for the statistics cache.
+    The network itself comes from `microdit.metrics.fid_extractor.load_fid_extractor`, the one
+    reader of that format; here its files are checked and its weights fingerprinted for the
+    statistics cache.
     """
-    from microdit.cli import UserError
-    from microdit.zoo import load_fid_extractor
+    from microdit.errors import UserError
+    from microdit.metrics.fid_extractor import load_fid_extractor
 
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
@@ -78,7 +79,7 @@ def load_extractor(model_dir: str | os.PathLike, device: str | torch.device = "c
 # ---------------------------------------------------------------- images to features
 def list_images(folder: str | os.PathLike) -> list[Path]:
     """Image files under `folder` (recursively), sorted, so a set always reads in the same order."""
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -197,7 +198,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, features1: np.ndarray | None = No
 
 
 def _moments(feats: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     if len(feats) < 2:
         raise UserError(f"FID needs at least 2 readable images in {what}, got {len(feats)}")

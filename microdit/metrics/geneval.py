@@ -67,7 +67,7 @@ class Rules:
 # ---------------------------------------------------------------- prompts
 def fetch_prompts(url: str, sha256: str, dest: str | os.PathLike) -> Path:
     """Download the prompt metadata to `dest` unless a copy with the right checksum is there."""
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     dest = Path(dest)
     if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha256:
@@ -87,7 +87,7 @@ def fetch_prompts(url: str, sha256: str, dest: str | os.PathLike) -> Path:
 
 def load_prompts(path: str | os.PathLike) -> list[dict]:
     """GenEval metadata (one JSON object per line), checked clause by clause."""
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     path = Path(path)
     prompts = []
@@ -138,7 +138,12 @@ class ShapesDetector:
     def detect(self, image: Image.Image) -> list[dict]:
         from microdit.data.shapes_detect import detect
 
-        return [{"label": d["shape"], "score": d["score"], "bbox": d["bbox"], "color": d["color"]} for d in detect(image)]
+        return shapes_detections(detect(image))
+
+
+def shapes_detections(found: list[dict]) -> list[dict]:
+    """The shapes detector's output (`{shape, color, bbox, score, ...}`) in the `Detector` format."""
+    return [{"label": d["shape"], "score": d["score"], "bbox": d["bbox"], "color": d["color"]} for d in found]
 
 
 # Detector vocabularies name a few COCO classes differently from GenEval's prompts.
@@ -214,7 +219,7 @@ class Mask2FormerDetector:
 
 def load_detector(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Detector:
     """The detector in the models stage's `detector` directory (`kind` shapes or mask2former)."""
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     model_dir = Path(model_dir)
     kind = None
@@ -288,7 +293,7 @@ class ClipColour:
 def relative_position(box_a, box_b, margin: float = Rules.position_margin) -> set[str]:
     """Relations of box A to box B by GenEval's rule (one implementation, shared with the shapes
     world, whose captions must be true under the same rule)."""
-    from microdit.data.shapes import relative_position as rule
+    from microdit.data.shapes_draw import relative_position as rule
 
     return rule(np.asarray(box_a, dtype=float)[:4], np.asarray(box_b, dtype=float)[:4], margin)
 
@@ -351,6 +356,17 @@ def judge(
     return not reasons, reasons
 
 
+def evaluate_prompt(
+    meta: dict, detections: list[dict], threshold: float = Rules.threshold,
+    counting_threshold: float = Rules.counting_threshold,
+) -> tuple[bool, str]:
+    """One image's shapes-detector output (`microdit.data.shapes_detect.detect`) against its GenEval
+    metadata, by `judge` with the detector's colours; returns (correct, reasons joined)."""
+    correct, reasons = judge(meta, shapes_detections(detections), detection_colour, None,
+                             Rules(threshold=threshold, counting_threshold=counting_threshold))
+    return correct, "; ".join(reasons)
+
+
 def summarize(metadata: list[dict], verdicts: list[list[tuple[bool, list[str]]]], rules: Rules = Rules()) -> dict:
     """Task accuracies over images, their mean, and the per-prompt record."""
     if len(verdicts) != len(metadata):
@@ -399,7 +415,7 @@ def score(
 
 
 def _open_image(image) -> Image.Image:
-    from microdit.cli import UserError
+    from microdit.errors import UserError
 
     if isinstance(image, Image.Image):
         return image

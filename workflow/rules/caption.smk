@@ -9,9 +9,9 @@ rule caption:
         f"{ROOT}/captions/{{source}}.parquet",
     params:
         raw=lambda w: raw_dir(w.source),
-        c=config["caption"],
+        flags=SETTINGS.flags("caption", config["caption"], top={"device": config["device"]}),
         # LLaVA is not run on images the MDS stage will drop anyway
-        min_size=lambda w: config["sources"][w.source].get("min_size", config["mds"]["min_size"]),
+        min_size=lambda w: source_min_size(w.source).get("min_size", config["mds"]["min_size"]),
     threads: res("caption", "threads")
     resources:
         **group_resources("caption"),
@@ -23,6 +23,4 @@ rule caption:
         "../../envs/encode.yaml",
     shell:
         "{MICRODIT} caption --raw {params.raw:q} --out {output:q} --model {ROOT:q}/models/captioner"
-        " --prompt {params.c[prompt]:q} --max-new-tokens {params.c[max_new_tokens]}"
-        " --batch-size {params.c[batch_size]} --dtype {params.c[dtype]} --min-size {params.min_size}"
-        " --device {config[device]} > {log:q} 2>&1"
+        " {params.flags} --min-size {params.min_size} > {log:q} 2>&1"

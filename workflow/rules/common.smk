@@ -1,4 +1,7 @@
 # Helpers shared by the rule files: which sources exist, where their files live, resources.
+# Rules pass config sections to their commands with SETTINGS.flags (one flag per key, same name).
+from microdit import settings as SETTINGS
+from microdit.config import stage_numbers as _stage_numbers
 
 SOURCES = sorted(config["sources"])
 TRAIN_SOURCES = [s for s in SOURCES if config["sources"][s]["role"] == "train"]
@@ -7,6 +10,8 @@ EVAL_SOURCES = [s for s in SOURCES if config["sources"][s]["role"] == "eval"]
 DOWNLOADED = [s for s in SOURCES if "raw_from" not in config["sources"][s]]
 LLAVA_SOURCES = [s for s in SOURCES if config["sources"][s]["captions"] == "llava"]
 MODEL_ROLES = sorted(config["models"]["roles"])
+STAGES = _stage_numbers(config)  # train.stages: stage1 .. stageN
+FINAL_STAGE = STAGES[-1]
 IS_SMOKE_WORLD = config["models"]["source"] == "build" and bool(config["world"]["counts"])
 
 def constraint(wildcard, pattern):
@@ -83,6 +88,12 @@ def model_info(role):
 
 def raw_dir(source):
     return f"{ROOT}/raw/{config['sources'][source].get('raw_from', source)}"
+
+
+def source_min_size(source):
+    """A source's own `min_size`, where it sets one, over `mds.min_size`."""
+    own = config["sources"][source].get("min_size")
+    return {} if own is None else {"min_size": own}
 
 
 def world_input(source):

@@ -10,7 +10,7 @@ rule download:
     params:
         src=lambda w: config["sources"][w.source],
         opts=lambda w: cli_options(config["sources"][w.source]["options"]),
-        d=config["download"],
+        flags=SETTINGS.flags("download", config["download"]),
     threads: res("download", "threads")
     resources:
         **group_resources("download"),
@@ -23,10 +23,7 @@ rule download:
     shell:
         "{MICRODIT} download --source {wildcards.source} --kind {params.src[kind]}"
         " --input {params.src[input]:q} --out {ROOT:q}/raw/{wildcards.source} {params.opts}"
-        " --image-size {params.d[image_size]} --resize-mode {params.d[resize_mode]}"
-        " --min-image-size {params.d[min_image_size]} --processes {params.d[processes]}"
-        " --threads {params.d[threads]} --timeout {params.d[timeout]} --retries {params.d[retries]}"
-        " --samples-per-shard {params.d[samples_per_shard]} > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"
 
 
 def mds_inputs(wildcards):
@@ -46,8 +43,7 @@ rule mds:
     params:
         raw=lambda w: raw_dir(w.source),
         captions=lambda w, input: f"--captions {q(input.captions)}" if "captions" in input.keys() else "",
-        min_size=lambda w: config["sources"][w.source].get("min_size", config["mds"]["min_size"]),
-        m=config["mds"],
+        flags=lambda w: SETTINGS.flags("mds", config["mds"], **source_min_size(w.source)),
     threads: res("mds", "threads")
     resources:
         **group_resources("mds"),
@@ -59,9 +55,7 @@ rule mds:
         "../../envs/data.yaml",
     shell:
         "{MICRODIT} mds --raw {params.raw:q} --out {ROOT:q}/mds/{wildcards.source} {params.captions}"
-        " --min-size {params.min_size} --max-size {params.m[max_size]}"
-        " --image-format {params.m[image_format]} --quality {params.m[quality]} --workers {threads}"
-        " > {log:q} 2>&1"
+        " {params.flags} --workers {threads} > {log:q} 2>&1"
 
 
 rule funnel:

@@ -4,7 +4,7 @@
 EVAL_TAGS = ["stage0"] + [f"stage{s}" for s in sorted(config["evaluate"]["stages"])]
 
 wildcard_constraints:
-    tag=constraint("tag", "stage[0-4]"),
+    tag=constraint("tag", "|".join(EVAL_TAGS)),
 
 
 def eval_source():
@@ -24,24 +24,20 @@ def evaluate_inputs(wildcards):
 
 
 def evaluate_args(wildcards):
-    e, t = config["evaluate"], config["train"]
-    if wildcards.tag == "stage0":
-        final = t["stages"]["stage4"]
-        what = (f"--untrained --model {t['model']} --resolution {final['resolution']}"
-                f" --caption-channels {t['caption_channels']}" + ("" if t["patch_mixer"] else " --no-patch-mixer"))
+    """What is evaluated, the `evaluate` section as flags (microdit.settings), and the files."""
+    t = config["train"]
+    if wildcards.tag == "stage0":  # the untrained baseline: built like the final stage's model
+        what = (f"--untrained --model {q(t['model'])} --resolution {t['stages'][f'stage{FINAL_STAGE}']['resolution']} "
+                + SETTINGS.flags("train", {k: t[k] for k in ("caption_channels", "patch_mixer")}))
     else:
         ema = t["stages"][wildcards.tag]["ema"]
         what = f"--checkpoint {q(f'{ROOT}/checkpoints/{wildcards.tag}/final')}" + (" --ema" if ema else "")
     args = [
         what, f"--eval-mds {q(f'{ROOT}/mds/{eval_source()}')}",
         *(f"--{role.replace('_', '-')} {q(f'{ROOT}/models/{role}')}" for role in ("vae", "text_encoder", "clip", "fid", "detector")),
-        f"--geneval-prompts {q(e['geneval_prompts'])}", f"--geneval-per-task {e['geneval_per_task']}",
-        f"--geneval-images-per-prompt {e['geneval_images_per_prompt']}", f"--num-images {e['num_images']}",
-        f"--steps {e['steps']}", f"--guidance {e['guidance']}", f"--seed {config['seed']}",
-        f"--batch-size {e['batch_size']}", f"--cache {q(f'{ROOT}/eval_cache')}", f"--device {config['device']}",
+        SETTINGS.flags("evaluate", config["evaluate"], top={"seed": config["seed"], "device": config["device"]}),
+        f"--cache {q(f'{ROOT}/eval_cache')}",
     ]
-    if e["fid_256"]:
-        args.append("--fid-256")
     return " ".join(args)
 
 

@@ -11,8 +11,7 @@ rule latents:
         f"{ROOT}/latents/{{source}}/_summary.json",
     params:
         launch=launcher("latents"),
-        resolutions=" ".join(str(r) for r in config["latents"]["resolutions"]),
-        l=config["latents"],
+        flags=SETTINGS.flags("latents", config["latents"], top={"device": config["device"], "seed": config["seed"]}),
     threads: res("latents", "threads")
     resources:
         **group_resources("latents"),
@@ -25,5 +24,4 @@ rule latents:
     shell:
         "{params.launch} latents --mds {ROOT:q}/mds/{wildcards.source} --out {ROOT:q}/latents/{wildcards.source}"
         " --vae {ROOT:q}/models/vae --text-encoder {ROOT:q}/models/text_encoder"
-        " --resolutions {params.resolutions} --batch-size {params.l[batch_size]}"
-        " --dtype {params.l[dtype]} --device {config[device]} > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"

@@ -16,10 +16,7 @@ def models_args():
         args.append("--id " + q(f"{role}={spec['id']}"))
         if spec["path"]:
             args.append("--local " + q(f"{role}={spec['path']}"))
-    b = m["build"]
-    args += [f"--text-dim {b['text_dim']}", f"--text-steps {b['text_steps']}", f"--vae-steps {b['vae_steps']}",
-             f"--vae-resolution {b['vae_resolution']}", f"--vae-batch-size {b['vae_batch_size']}",
-             f"--seed {config['seed']}"]
+    args.append(SETTINGS.flags("models.build", m["build"], top={"seed": config["seed"]}))
     return " ".join(args)
 
 
@@ -29,7 +26,7 @@ rule world:
         expand("{root}/world/{source}.parquet", root=ROOT, source=sorted(config["world"]["counts"])),
     params:
         counts=" ".join("--count " + q(f"{k}={v}") for k, v in sorted(config["world"]["counts"].items())),
-        w=config["world"],
+        flags=SETTINGS.flags("world", config["world"], top={"seed": config["seed"]}),
     threads: res("world", "threads")
     resources:
         **group_resources("world"),
@@ -40,9 +37,7 @@ rule world:
     conda:
         "../../envs/data.yaml",
     shell:
-        "{MICRODIT} world --out {ROOT:q}/world {params.counts} --image-size {params.w[image_size]}"
-        " --bad-per-source {params.w[bad_per_source]} --small-size {params.w[small_size]}"
-        " --seed {config[seed]} > {log:q} 2>&1"
+        "{MICRODIT} world --out {ROOT:q}/world {params.counts} {params.flags} > {log:q} 2>&1"
 
 
 rule models:

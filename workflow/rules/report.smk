@@ -48,7 +48,7 @@ rule cost:
     output:
         report(f"{RESULTS}/cost.json", caption="../report/cost.rst", category="Cost"),
     params:
-        c=config["cost"],
+        flags=SETTINGS.flags("cost", config["cost"]),
     resources:
         **group_resources("report"),
     log:
@@ -59,7 +59,7 @@ rule cost:
         "../../envs/report.yaml",
     shell:
         "{MICRODIT} cost --root {ROOT:q} --results {RESULTS:q} --config {input.config:q} --out {output:q}"
-        " --price-per-gpu-hour {params.c[price_per_gpu_hour]} --gpu-type {params.c[gpu_type]:q} > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"
 
 
 rule report:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.lifetime import die_with_parent
 from microdit.data.sources.images import ImageOptions
 from microdit.data.sources.layout import ShardWriter, UnitError, shard_name, shard_stats, summarize
@@ -100,11 +100,11 @@ class FetchContext:
     kind: str
     input: str | None  # base URL / local directory, or a links file (sa1b)
     out: Path
-    image: ImageOptions = field(default_factory=ImageOptions)
-    samples_per_shard: int = 10000
-    workers: int = 1
-    timeout: float = 60.0
-    retries: int = 2
+    image: ImageOptions
+    samples_per_shard: int  # these four: the `download` config keys (microdit.settings.Download)
+    workers: int
+    timeout: float
+    retries: int
     options: dict[str, Any] = field(default_factory=dict)
 
     @property

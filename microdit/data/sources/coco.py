@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit
 from microdit.data.sources.archives import open_zip
 from microdit.data.sources.layout import UnitError

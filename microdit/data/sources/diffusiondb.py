@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit, as_optional_float, as_parts
 from microdit.data.sources.archives import is_image_name, open_zip, read_member, zip_refusal
 from microdit.data.sources.layout import ShardWriter, UnitError

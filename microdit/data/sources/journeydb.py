@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit, as_list, as_parts
 from microdit.data.sources.archives import STREAM_ERRORS, is_image_name, iter_tar_files, iter_tar_members, truncated
 from microdit.data.sources.layout import ShardWriter, UnitError

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit, as_parts
 from microdit.data.sources.archives import is_image_name, iter_tar_files, member_path
 from microdit.data.sources.layout import ShardWriter

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit, as_list
 from microdit.data.sources.remote import RemoteError, fetch_file, join, read_bytes
 from microdit.data.sources.zipped import Item, fill_slice, image_members, parse_caption_pick, slice_units

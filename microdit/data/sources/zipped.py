@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microdit.cli import UserError
+from microdit.errors import UserError
 from microdit.data.sources import FetchContext, Unit
 from microdit.data.sources.archives import is_image_name, open_zip, read_member, zip_refusal
 from microdit.data.sources.layout import ShardWriter, UnitError

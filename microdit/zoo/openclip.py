@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from microdit.errors import UserError
+
 OPENCLIP_CONFIG = "open_clip_config.json"
 OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
@@ -183,3 +185,11 @@ def convert_openclip_text_tower(src_dir: str | os.PathLike, out_dir: str | os.Pa
         "pad_token_id": tokenizer.pad_token_id,
         "parameters": sum(t.numel() for t in state.values()),
     }
+
+
+def convert_openclip(role: str, src_dir: Path, dest: Path, name: str) -> dict:
+    """`convert_openclip_text_tower` for `microdit models`: a checkpoint it cannot map is one line."""
+    try:
+        return convert_openclip_text_tower(src_dir, dest)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise UserError(f"{role}: cannot convert the OpenCLIP text tower of {name}: {e}") from e

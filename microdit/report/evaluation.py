@@ -1,0 +1,131 @@
+"""The report's evaluation and samples sections: our checkpoints and the paper's released ones in one
+table, GenEval task by task, and the sample grids of training and evaluation."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from microdit.paper import RESULTS as PAPER_RESULTS
+from microdit.report.common import Problems, figure, image_uri, is_num, load_any, load_json, png_uri
+
+GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def geneval_plot(tags: list[str], tasks: list[str], table: dict[str, dict[str, float | None]]) -> str | None:
+    """Grouped bars: GenEval accuracy per task (and overall) for every evaluated checkpoint."""
+    if not tags or not tasks:
+        return None
+    fig = figure(8, 2.8, left=0.6)
+    ax = fig.subplots()
+    width = 0.8 / len(tags)
+    palette = ["#b0b0b0", "#8fb0d8", "#2f67a8", "#1b4379", "#0d2645"]
+    for j, tag in enumerate(tags):
+        xs = [i + j * width for i in range(len(tasks))]
+        ax.bar(xs, [table[tag].get(t) or 0 for t in tasks], width=width, label=tag, color=palette[j % 5])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], [t.replace("_", " ") for t in tasks], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    return png_uri(fig)
+
+
+def samples_section(root: Path, results: Path, eval_tags: list[str], problems: Problems,
+                    stages: list[int] = (1, 2, 3, 4)) -> list[dict]:
+    grids = []
+    for n in stages:
+        d = root / "checkpoints" / f"stage{n}"
+        uri = image_uri(d / "samples.png", problems)
+        if uri:
+            grids.append({"title": f"training stage {n}: samples at the end of the stage", "uri": uri,
+                          "prompts": _prompts(load_any(d / "samples.json", problems))})
+    for tag in eval_tags:
+        uri = image_uri(results / "eval" / tag / "grid.png", problems)
+        if uri:
+            grids.append({"title": f"evaluation, {tag}" + (" (untrained model)" if tag == "stage0" else ""),
+                          "uri": uri, "prompts": []})
+    return grids
+
+
+def _prompts(value: Any) -> list[str]:
+    """Prompts from a samples.json that is a list, or an object with a 'prompts' list."""
+    if isinstance(value, dict):
+        value = value.get("prompts")
+    if not isinstance(value, list):
+        return []
+    return [v if isinstance(v, str) else str(v.get("prompt", v)) if isinstance(v, dict) else str(v) for v in value]
+
+
+def evaluated_tags(results: Path) -> list[str]:
+    d = results / "eval"
+    tags = [p.name for p in d.iterdir() if (p / "metrics.json").is_file()] if d.is_dir() else []
+    # stage0 (the untrained baseline), stage1, stage2, ... in training order, then any other tag
+    return sorted(tags, key=lambda t: (0, int(t[5:]), "") if t[5:].isdigit() and t.startswith("stage") else (1, 0, t))
+
+
+def _cell(value: Any, comparable: Any = None) -> dict:
+    return {"value": value if is_num(value) else None, "comparable": comparable}
+
+
+def evaluation_section(results: Path, tags: list[str], problems: Problems) -> dict | None:
+    """Our checkpoints and the paper's released ones in one table, marking what compares."""
+    metrics = {}
+    for tag in tags:
+        m = load_json(results / "eval" / tag / "metrics.json", problems)
+        if m is not None:
+            metrics[tag] = m
+    if not metrics:
+        return None
+    seen = {t for m in metrics.values() for t in ((m.get("geneval") or {}).get("tasks") or {})}
+    tasks = [t for t in GENEVAL_TASKS if t in seen] + sorted(seen - set(GENEVAL_TASKS))
+    rows, geneval = [], {}
+    for tag, m in metrics.items():
+        fid, fid256 = m.get("fid") or {}, m.get("fid_256") or {}
+        clip, ge = m.get("clip_score") or {}, m.get("geneval") or {}
+        ge_ok = bool(ge.get("comparable"))
+        task_acc = ge.get("tasks") or {}
+        geneval[tag] = {"overall": ge.get("overall") if is_num(ge.get("overall")) else None,
+                        **{t: task_acc.get(t) if is_num(task_acc.get(t)) else None for t in tasks}}
+        s = m.get("settings") or {}
+        rows.append({
+            "name": tag + (" (untrained)" if tag == "stage0" else ""), "paper": False,
+            "fid": _cell(fid.get("value"), bool(fid.get("comparable"))),
+            "fid_256": _cell(fid256.get("value"), bool(fid256.get("comparable"))),
+            "clip": _cell(clip.get("value"), bool(clip.get("comparable"))),
+            "overall": _cell(ge.get("overall"), ge_ok),
+            "tasks": [_cell(task_acc.get(t), ge_ok) for t in tasks],
+            "notes": "; ".join(x for x in [
+                _settings_note(s),
+                f"FID: {fid.get('extractor', '?')}, {fid.get('n_gen', '?')} generated vs {fid.get('n_ref', '?')} reference"
+                f" at {fid.get('resolution', '?')} px" if fid else "",
+                f"CLIP: {clip.get('model', '?')}, n={clip.get('n', '?')}" if clip else "",
+                f"GenEval: {ge.get('detector', '?')}, {ge.get('n_prompts', '?')} prompts x "
+                f"{ge.get('images_per_prompt', '?')} images" if ge else "",
+            ] if x),
+        })
+    for name, fid, overall in PAPER_RESULTS:
+        rows.append({"name": f"paper: {name}", "paper": True, "fid": _cell(fid), "fid_256": _cell(None),
+                     "clip": _cell(None), "overall": _cell(overall), "tasks": [_cell(None) for _ in tasks], "notes": ""})
+    # untrained against trained, task by task
+    compare_tags = list(geneval)
+    compare = None
+    if "stage0" in geneval and len(geneval) > 1:
+        last = compare_tags[-1]
+        compare = {"tags": compare_tags, "last": last,
+                   "rows": [(t, [geneval[tag].get(t) for tag in compare_tags], _delta(geneval[last].get(t), geneval["stage0"].get(t)))
+                            for t in ["overall", *tasks]]}
+    return {"tasks": tasks, "rows": rows, "compare": compare, "untrained": geneval.get("stage0"),
+            "plot": geneval_plot(compare_tags, tasks, geneval) if tasks else None,
+            "geneval": geneval}
+
+
+def _settings_note(s: dict) -> str:
+    if not s:
+        return ""
+    return (f"{s.get('steps', '?')} Heun steps, guidance {s.get('guidance', '?')}, seed {s.get('seed', '?')}, "
+            f"{s.get('num_images', '?')} images at {s.get('resolution', '?')} px")
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    return a - b if is_num(a) and is_num(b) else None
