@@ -279,6 +279,7 @@ class Evaluate:
     dtype: Literal["auto", "float32", "bfloat16"] = key("auto", "VAE/text encoder dtype and DiT autocast "
                                                         "(auto: bfloat16 on GPU)")
     workers: int = key(0, "data-loader workers for FID features", ge=0)
+    bootstrap: int = key(1000, "bootstrap draws of the 95% interval on every metric (0: none)", ge=0)
 
 
 @dataclass(kw_only=True)

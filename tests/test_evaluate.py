@@ -127,6 +127,19 @@ def test_metrics_json_has_every_field(first_run):
     assert len(json.loads((first_run / "geneval.json").read_text())["per_prompt"]) == 6
 
 
+def test_every_metric_has_its_bootstrap_interval(first_run):
+    m = json.loads((first_run / "metrics.json").read_text())
+    for record in (m["fid"], m["fid_256"], m["clip_score"], m["geneval"]):
+        interval = record["interval"]
+        low, high = interval["interval"]
+        assert interval["level"] == 0.95 and interval["draws"] == 1000 and low <= high
+    # GenEval and CLIP intervals hold their point estimate (FID's bootstrap is biased upwards)
+    assert m["clip_score"]["interval"]["interval"][0] <= m["clip_score"]["value"] <= m["clip_score"]["interval"]["interval"][1]
+    ge = m["geneval"]
+    assert ge["interval"]["interval"][0] <= ge["overall"] <= ge["interval"]["interval"][1]
+    assert set(ge["interval"]["tasks"]) == set(ge["tasks"])
+
+
 def test_images_grid_and_geneval_layout(first_run):
     fid_images = sorted((first_run / "images" / "fid").glob("*.png"))
     assert [p.name for p in fid_images] == [f"{i:06d}.png" for i in range(N_IMAGES)]

@@ -80,6 +80,40 @@ def test_colors_checks_the_most_confident_objects():
     assert "expected 1 blue fire hydrant, found colours red" in reasons
 
 
+def official_order(scores: list[float], threshold: float) -> list[int]:
+    """The official scorer's choice of a class's detections, written as it is there: a reversed
+    ascending argsort of the float32 scores, then those above the threshold. Its environment pins
+    numpy 1.23, whose default sort orders up to 16 values by insertion sort, which is stable; newer
+    numpy's default may order ties otherwise (SIMD sorts), so the stable kind stands for it here."""
+    scores32 = np.asarray(scores, dtype=np.float32)
+    ordering = np.argsort(scores32, kind="stable")[::-1]
+    return ordering[scores32[ordering] > threshold].tolist()
+
+
+def test_equal_scores_are_taken_latest_first_as_the_official_scorer():
+    # the colour check looks at the one object the count asks for: with equal scores, the later one
+    assert correct(COLORS, [det("fire hydrant", 1.0, color="red"), det("fire hydrant", 1.0, color="blue")])
+    assert not correct(COLORS, [det("fire hydrant", 1.0, color="blue"), det("fire hydrant", 1.0, color="red")])
+    # orderings of tie-heavy score lists equal the official expression, up to the 16 objects it keeps
+    rng = np.random.default_rng(0)
+    for n in range(1, 17):
+        for _ in range(20):
+            scores = rng.choice([0.3, 0.5, 0.95, 1.0], size=n).tolist()
+            dets = [det("dog", s, bbox=(i, 0, i + 1, 1)) for i, s in enumerate(scores)]
+            got = [d["bbox"][0] for d in ge.confident_objects(dets, "single_object").get("dog", [])]
+            assert got == official_order(scores, 0.3), scores
+
+
+def test_the_threshold_is_compared_in_float32_as_the_official_scorer():
+    at = float(np.float32(0.3))  # 0.30000001192...: above 0.3 in float64, equal to it in float32
+    assert at > 0.3 and official_order([at], 0.3) == []
+    assert not correct(SINGLE, [det("dog", at)])
+    assert correct(SINGLE, [det("dog", float(np.nextafter(np.float32(0.3), np.float32(1))))])
+    at9 = float(np.float32(0.9))
+    assert not correct(COUNTING, [det("clock", 0.95), det("clock", at9)])
+    assert correct(COUNTING, [det("clock", 0.95), det("clock", float(np.nextafter(np.float32(0.9), np.float32(1))))])
+
+
 def test_colour_function_sees_the_image_and_the_found_objects():
     calls = []
 

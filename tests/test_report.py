@@ -392,3 +392,26 @@ def test_partial_report_in_chromium(partial_report):
     assert "Not run yet" in page.dom
     variance, inked = _ink(page.screenshot)
     assert variance > 200 and inked > 0.02, (variance, inked)
+
+
+def test_intervals_are_shown_and_decide_what_differs(tmp_path):
+    results, root = tmp_path / "results", tmp_path / "data"
+    tasks = {"single_object": 0.5, "colors": 0.25}
+    for tag, overall, interval in (("stage0", 0.0, [0.0, 0.02]), ("stage2", 0.1, [0.01, 0.2]), ("stage4", 0.375, [0.3, 0.45])):
+        write_json(results / "eval" / tag / "metrics.json", {
+            "tag": tag, "fid": {"value": 100.0, "comparable": False, "interval": {"interval": [90.125, 120.5], "level": 0.95, "draws": 1000}},
+            "geneval": {"overall": overall, "tasks": tasks, "comparable": False,
+                        "interval": {"interval": interval, "level": 0.95, "draws": 1000,
+                                     "tasks": {"single_object": [0.4, 0.6], "colors": [0.1, 0.4]}}}})
+    out = results / "report.html"
+    build_report(results, root, out)
+    evaluation = section_text(out.read_text(), "evaluation")
+    assert "[90.12, 120.50]" in evaluation and "[0.30, 0.45]" in evaluation and "[0.40, 0.60]" in evaluation
+    assert "95% bootstrap intervals, 1000 draws" in evaluation
+    compare = re.search(r'id="geneval-compare">(.*?)</p>', out.read_text(), re.S)[1]
+    assert "[0.00, 0.02]" in compare and "the 95% intervals do not overlap" in compare
+    # stage2's interval reaches stage0's: the comparison with it would not call them different
+    write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "geneval": {
+        "overall": 0.1, "tasks": tasks, "interval": {"interval": [0.01, 0.2], "level": 0.95, "draws": 10}}})
+    build_report(results, root, out)
+    assert "overlap: not told apart" in re.search(r'id="geneval-compare">(.*?)</p>', out.read_text(), re.S)[1]

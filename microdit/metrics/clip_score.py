@@ -76,8 +76,11 @@ def clip_score(
     model_dir: str | os.PathLike,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict:
-    """Mean CLIP score of image i against caption i: `{"clip_score", "n", "skipped", "model"}`.
+    """Mean CLIP score of image i against caption i: `{"clip_score", "n", "skipped", "model"}`, and
+    with `bootstrap` draws its 95% bootstrap interval over the pairs (`interval`).
 
     Unreadable image files are left out of the mean and counted in `skipped`.
     """
@@ -88,15 +91,22 @@ def clip_score(
     if not images:
         raise ValueError("CLIP score of an empty set")
     model, processor, name = load_clip(model_dir, device)
-    total, n = 0.0, 0
+    total, n, each = 0.0, 0, []
     for start in tqdm(range(0, len(images), batch_size), desc="CLIP score", disable=None):
         opened = [(_open(x), c) for x, c in zip(images[start : start + batch_size], captions[start : start + batch_size])]
         pairs = [(x, c) for x, c in opened if x is not None]
         if pairs:
             batch, texts = zip(*pairs)
             image_embeds, text_embeds = embed_pairs(model, processor, list(batch), list(texts))
-            total += clip_similarity(image_embeds, text_embeds).sum().item()
+            scores = clip_similarity(image_embeds, text_embeds)
+            total += scores.sum().item()
+            each += scores.tolist()
             n += len(pairs)
     if n == 0:
         raise ValueError(f"none of the {len(images)} images could be read")
-    return {"clip_score": total / n, "n": n, "skipped": len(images) - n, "model": name}
+    result = {"clip_score": total / n, "n": n, "skipped": len(images) - n, "model": name}
+    if bootstrap:
+        from microdit.metrics.intervals import bootstrap_mean
+
+        result["interval"] = bootstrap_mean(each, bootstrap, seed)
+    return result

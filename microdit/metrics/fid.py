@@ -263,10 +263,13 @@ def fid(
     extractor: FeatureExtractor,
     batch_size: int = 32,
     num_workers: int = 0,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict:
     """FID of a folder or list of generated images against `reference_stats` output.
 
-    Generated images go through the same resolution and extractor as the reference.
+    Generated images go through the same resolution and extractor as the reference. With
+    `bootstrap` draws, `interval` is the 95% bootstrap interval over the generated images.
     """
     if ref["fingerprint"] != extractor.fingerprint:
         raise ValueError(f"reference {ref['name']!r} was made with another feature extractor; rebuild it")
@@ -283,6 +286,11 @@ def fid(
         "skipped_generated": skipped,
         "skipped_reference": ref["skipped"],
     }
+    if bootstrap:
+        from microdit.metrics.intervals import bootstrap_fid
+
+        result["interval"] = bootstrap_fid(feats, ref["mu"], ref["sigma"], bootstrap, seed,
+                                           device="cuda" if torch.cuda.is_available() else "cpu")
     if not extractor.comparable:
         result["note"] = NOT_COMPARABLE
     return result

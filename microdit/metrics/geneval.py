@@ -4,7 +4,8 @@ Our implementation of the protocol of Ghosh et al. (djghosh13/geneval): 553 prom
 `include` clauses `{class, count, color?, position?: [relation, index of another clause]}` and
 optional `exclude` clauses `{class, count}`; four images per prompt. An image is correct when:
 
-- detections above a confidence threshold (0.3; 0.9 for counting prompts), most confident first
+- detections above a confidence threshold (0.3; 0.9 for counting prompts, compared in float32),
+  most confident first (equal scores: the later detection first, as the official reversed argsort)
   and at most 16 per class, give every include clause at least `count` objects of its class;
 - for a clause with a colour, the colours of its `count` most confident objects include the colour
   `count` times (colour by CLIP zero-shot on the object's crop, outside its mask painted grey);
@@ -299,15 +300,21 @@ def relative_position(box_a, box_b, margin: float = Rules.position_margin) -> se
 
 
 def confident_objects(detections: list[dict], tag: str, rules: Rules = Rules()) -> dict[str, list[dict]]:
-    """Class -> its detections above the prompt's threshold, most confident first, at most max_objects."""
-    cut = rules.counting_threshold if tag == "counting" else rules.threshold
-    by_class: dict[str, list[dict]] = {}
-    for d in sorted(detections, key=lambda d: -d["score"]):
-        if d["score"] > cut:
-            found = by_class.setdefault(d["label"], [])
-            if len(found) < rules.max_objects:
-                found.append(d)
-    return by_class
+    """Class -> its detections above the prompt's threshold, most confident first, at most max_objects.
+
+    As the official scorer, which orders a class's detections with a reversed ascending argsort and
+    compares float32 scores: detections with equal scores come latest first (it decides which
+    objects of a class the colour and position checks look at, and the exact shapes detector gives
+    every object 1.0), and the comparison with the threshold is in float32, so a score of exactly
+    float32(0.3) is not above 0.3."""
+    cut = np.float32(rules.counting_threshold if tag == "counting" else rules.threshold)
+    by_class: dict[str, list[tuple[int, dict]]] = {}
+    for index, d in enumerate(detections):
+        if np.float32(d["score"]) > cut:
+            by_class.setdefault(d["label"], []).append((index, d))
+    return {label: [d for _, d in sorted(found, key=lambda t: (np.float32(t[1]["score"]), t[0]), reverse=True)
+                    ][:rules.max_objects]
+            for label, found in by_class.items()}
 
 
 def judge(

@@ -72,7 +72,8 @@ def score_fid(s: Scoring) -> dict[str, dict | None]:
     for res in sorted({s.resolution, 256} if args.fid_256 else {s.resolution}):
         ref = fidlib.reference_stats(s.real_dir, s.real_dir.name, extractor, args.cache / "fid_stats", res,
                                      args.batch_size, args.workers)
-        raw = fidlib.fid(s.images[CAPTIONS].folder, ref, extractor, args.batch_size, args.workers)
+        raw = fidlib.fid(s.images[CAPTIONS].folder, ref, extractor, args.batch_size, args.workers,
+                         bootstrap=args.bootstrap, seed=args.seed)
         results[res] = fid_record(raw, args.eval_mds.name)
     return {"fid": results[s.resolution], "fid_256": results[256] if args.fid_256 else None}
 
@@ -83,7 +84,7 @@ def fid_record(raw: dict, split: str) -> dict:
     record = {"value": raw["fid"], "comparable": bool(raw["comparable"] and full), "extractor": raw["extractor"],
               "n_gen": raw["n_generated"], "n_ref": raw["n_reference"], "resolution": raw["resolution"],
               "reference": split, "skipped_generated": raw["skipped_generated"],
-              "skipped_reference": raw["skipped_reference"]}
+              "skipped_reference": raw["skipped_reference"], "interval": raw.get("interval")}
     notes = [raw["note"]] if raw.get("note") else []
     if not full:
         notes.append(f"FID over {raw['n_generated']} images, not 30,000: biased upwards against FID-30K")
@@ -92,8 +93,16 @@ def fid_record(raw: dict, split: str) -> dict:
     return record
 
 
+def interval_text(record: dict | None) -> str:
+    """' [low, high]' of a metric's 95% interval, or nothing when there is none."""
+    interval = (record or {}).get("interval") or {}
+    low_high = interval.get("interval")
+    return f" [{low_high[0]:.3g}, {low_high[1]:.3g}]" if low_high else ""
+
+
 def summary_fid(m: dict) -> list[str]:
-    parts = [f"FID {m['fid']['value']:.2f} ({m['fid']['n_gen']} images, {m['fid']['resolution']} px)"]
+    parts = [f"FID {m['fid']['value']:.2f}{interval_text(m['fid'])} ({m['fid']['n_gen']} images, "
+             f"{m['fid']['resolution']} px)"]
     if m.get("fid_256"):
         parts.append(f"FID-256 {m['fid_256']['value']:.2f}")
     return parts
@@ -106,17 +115,18 @@ def score_clip(s: Scoring) -> dict[str, dict | None]:
     from microdit.metrics.clip_score import clip_score as score
 
     images = s.images[CAPTIONS]
-    raw = score(images.paths, images.prompts, s.args.clip, s.args.batch_size, s.device)
+    raw = score(images.paths, images.prompts, s.args.clip, s.args.batch_size, s.device,
+                bootstrap=s.args.bootstrap, seed=s.args.seed)
     origin = model_origin(s.args.clip)
     record = {"value": raw["clip_score"], "model": raw["model"], "n": raw["n"], "skipped": raw["skipped"],
-              "comparable": origin.get("source") not in ("built", None)}
+              "comparable": origin.get("source") not in ("built", None), "interval": raw.get("interval")}
     if not record["comparable"]:
         record["note"] = "CLIP built locally with random weights: not comparable to published CLIP scores"
     return {"clip_score": record}
 
 
 def summary_clip(m: dict) -> list[str]:
-    return [f"CLIP {m['clip_score']['value']:.2f}"]
+    return [f"CLIP {m['clip_score']['value']:.2f}{interval_text(m['clip_score'])}"]
 
 
 # ---------------------------------------------------------------- GenEval
@@ -125,6 +135,7 @@ def summary_clip(m: dict) -> list[str]:
 def score_geneval(s: Scoring) -> dict[str, dict | None]:
     """GenEval task accuracies; the per-prompt verdicts go to `<out>/geneval.json`."""
     from microdit.metrics import geneval
+    from microdit.metrics.intervals import bootstrap_geneval
 
     args, images = s.args, s.images[GENEVAL]
     detector = geneval.load_detector(args.detector, s.device)
@@ -143,7 +154,8 @@ def score_geneval(s: Scoring) -> dict[str, dict | None]:
               "colour": "detector" if detector.gives_colour else getattr(colour_fn, "name", "clip"),
               "n_prompts": len(images.metadata), "images_per_prompt": args.geneval_images_per_prompt,
               "correct_images": result["correct_images"], "prompts": args.geneval_prompts,
-              "comparable": bool(protocol and kind != "shapes")}
+              "comparable": bool(protocol and kind != "shapes"),
+              "interval": bootstrap_geneval(result["per_prompt"], args.bootstrap, args.seed)}
     if kind == "shapes":
         record["note"] = "shapes-world version of GenEval's six tasks: not comparable to published GenEval"
     elif not protocol:
@@ -154,7 +166,7 @@ def score_geneval(s: Scoring) -> dict[str, dict | None]:
 
 
 def summary_geneval(m: dict) -> list[str]:
-    return [f"GenEval {m['geneval']['overall']:.3f}"] if m.get("geneval") else []
+    return [f"GenEval {m['geneval']['overall']:.3f}{interval_text(m['geneval'])}"] if m.get("geneval") else []
 
 
 # name (also its key in metrics.json's timing_s) -> metric, in the order they run and are summarised

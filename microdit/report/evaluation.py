@@ -64,8 +64,12 @@ def evaluated_tags(results: Path) -> list[str]:
     return sorted(tags, key=lambda t: (0, int(t[5:]), "") if t[5:].isdigit() and t.startswith("stage") else (1, 0, t))
 
 
-def _cell(value: Any, comparable: Any = None) -> dict:
-    return {"value": value if is_num(value) else None, "comparable": comparable}
+def _cell(value: Any, comparable: Any = None, interval: Any = None) -> dict:
+    """A table cell: the value, whether it compares with the paper, its 95% interval if any."""
+    if isinstance(interval, dict):
+        interval = interval.get("interval")
+    ok = isinstance(interval, list) and len(interval) == 2 and all(is_num(x) for x in interval)
+    return {"value": value if is_num(value) else None, "comparable": comparable, "interval": interval if ok else None}
 
 
 def evaluation_section(results: Path, tags: list[str], problems: Problems) -> dict | None:
@@ -86,15 +90,17 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
         ge_ok = bool(ge.get("comparable"))
         task_acc = ge.get("tasks") or {}
         geneval[tag] = {"overall": ge.get("overall") if is_num(ge.get("overall")) else None,
+                        "interval": _cell(None, None, ge.get("interval"))["interval"],
                         **{t: task_acc.get(t) if is_num(task_acc.get(t)) else None for t in tasks}}
         s = m.get("settings") or {}
         rows.append({
             "name": tag + (" (untrained)" if tag == "stage0" else ""), "paper": False,
-            "fid": _cell(fid.get("value"), bool(fid.get("comparable"))),
-            "fid_256": _cell(fid256.get("value"), bool(fid256.get("comparable"))),
-            "clip": _cell(clip.get("value"), bool(clip.get("comparable"))),
-            "overall": _cell(ge.get("overall"), ge_ok),
-            "tasks": [_cell(task_acc.get(t), ge_ok) for t in tasks],
+            "fid": _cell(fid.get("value"), bool(fid.get("comparable")), fid.get("interval")),
+            "fid_256": _cell(fid256.get("value"), bool(fid256.get("comparable")), fid256.get("interval")),
+            "clip": _cell(clip.get("value"), bool(clip.get("comparable")), clip.get("interval")),
+            "overall": _cell(ge.get("overall"), ge_ok, ge.get("interval")),
+            "tasks": [_cell(task_acc.get(t), ge_ok, ((ge.get("interval") or {}).get("tasks") or {}).get(t))
+                      for t in tasks],
             "notes": "; ".join(x for x in [
                 _settings_note(s),
                 f"FID: {fid.get('extractor', '?')}, {fid.get('n_gen', '?')} generated vs {fid.get('n_ref', '?')} reference"
@@ -102,6 +108,7 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
                 f"CLIP: {clip.get('model', '?')}, n={clip.get('n', '?')}" if clip else "",
                 f"GenEval: {ge.get('detector', '?')}, {ge.get('n_prompts', '?')} prompts x "
                 f"{ge.get('images_per_prompt', '?')} images" if ge else "",
+                _interval_note(fid, clip, ge),
             ] if x),
         })
     for name, fid, overall in PAPER_RESULTS:
@@ -112,12 +119,25 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
     compare = None
     if "stage0" in geneval and len(geneval) > 1:
         last = compare_tags[-1]
+        a, b = geneval["stage0"]["interval"], geneval[last]["interval"]
         compare = {"tags": compare_tags, "last": last,
+                   # different only when the two 95% intervals do not overlap
+                   "separated": None if not (a and b) else (a[1] < b[0] or b[1] < a[0]),
                    "rows": [(t, [geneval[tag].get(t) for tag in compare_tags], _delta(geneval[last].get(t), geneval["stage0"].get(t)))
                             for t in ["overall", *tasks]]}
     return {"tasks": tasks, "rows": rows, "compare": compare, "untrained": geneval.get("stage0"),
             "plot": geneval_plot(compare_tags, tasks, geneval) if tasks else None,
             "geneval": geneval}
+
+
+def _interval_note(*records: dict) -> str:
+    """How the bracketed intervals were drawn, once per row."""
+    for r in records:
+        interval = (r or {}).get("interval")
+        if isinstance(interval, dict) and interval.get("draws"):
+            return (f"[low, high]: {interval.get('level', 0.95):.0%} bootstrap intervals, {interval['draws']} draws "
+                    "(FID over generated images, CLIP over pairs, GenEval over prompts)")
+    return ""
 
 
 def _settings_note(s: dict) -> str:
