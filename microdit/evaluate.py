@@ -36,7 +36,7 @@ from microdit.errors import UserError
 from microdit.eval_data import draw_captions, export_eval_split, geneval_prompt_set, read_index
 from microdit.image_grid import save_grid
 from microdit.io import atomic_path, read_json, write_json
-from microdit.metrics.registry import CAPTIONS, GENEVAL, METRICS, ImageSet, Scoring
+from microdit.metrics.registry import CAPTIONS, GENEVAL, METRICS, ImageSet, Scoring, score_sweep, sweep_set_name
 from microdit.settings import add_flags
 
 GRID_IMAGES = 16
@@ -83,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     resolution = model_info["resolution"]
     autocast = dtype if device.type == "cuda" and dtype != torch.float32 else None
 
-    def sample(prompts: list[str], seed: int) -> list[Image.Image]:
+    def sample(prompts: list[str], seed: int, guidance: float = args.guidance) -> list[Image.Image]:
         from microdit.generate import generate
 
-        return generate(prompts, model, encoders.vae, encoders.text_encoder, steps=args.steps, guidance=args.guidance,
+        return generate(prompts, model, encoders.vae, encoders.text_encoder, steps=args.steps, guidance=guidance,
                         seed=seed, batch_size=len(prompts), device=device, autocast_dtype=autocast, progress=False)
 
     settings = {"steps": args.steps, "guidance": args.guidance, "seed": args.seed, "num_images": args.num_images,
@@ -104,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
     wants_geneval = args.geneval_prompts != "none" and any(m.images == GENEVAL for m in METRICS.values())
     geneval_meta = rt.rank0_first(lambda: geneval_prompt_set(args)) if wants_geneval else []
     sets = image_sets(args.out, captions, geneval_meta, args.geneval_images_per_prompt)
+    # the guidance sweep: the FID captions again at each other scale, in their own folders
+    guidance_of = {name: args.guidance for name in sets}
+    for g in dict.fromkeys(args.guidance_sweep):
+        if g != args.guidance:
+            name = sweep_set_name(g)
+            folder = args.out / "images" / name
+            sets[name] = ImageSet(folder, captions, [folder / p.name for p in sets[CAPTIONS].paths])
+            guidance_of[name] = g
     timing["prepare"] = time.time() - t
 
     t = time.time()
@@ -111,12 +119,13 @@ def run(args: argparse.Namespace) -> int:
     for name, images in sets.items():
         if not images.prompts:
             continue
-        rt.on_rank0(lambda: prepare_folder(images.folder, identity, images.prompts, images.paths))
+        g = guidance_of[name]
+        rt.on_rank0(lambda: prepare_folder(images.folder, {**identity, "guidance": g}, images.prompts, images.paths))
         if images.metadata:
             rt.on_rank0(lambda: write_geneval_metadata(images.folder, images.metadata))
         todo = rt.share(missing(images.paths))
-        made[name] = rt.sum(generate_images(images.prompts, images.paths, todo, sample, args.seed, args.batch_size,
-                                            desc=f"{name} images"))
+        made[name] = rt.sum(generate_images(images.prompts, images.paths, todo, lambda p, s: sample(p, s, g),
+                                            args.seed, args.batch_size, desc=f"{name} images"))
     timing["generate"] = time.time() - t
     model = None  # free the DiT (the sampler closure holds it) before the metric networks load
     if device.type == "cuda":
@@ -140,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
         t = time.time()
         metrics.update(metric.score(scoring) if sets[metric.images].prompts else dict.fromkeys(metric.keys))
         timing[name] = time.time() - t
+    sweep = {guidance_of[name]: images for name, images in sets.items() if name.startswith(sweep_set_name(""))}
+    if sweep:
+        t = time.time()
+        metrics["guidance_sweep"] = score_sweep(scoring, metrics, sweep)
+        timing["guidance_sweep"] = time.time() - t
     metrics["timing_s"] = {k: round(v, 3) for k, v in timing.items()}
 
     fid = sets[CAPTIONS]

@@ -270,6 +270,8 @@ class Evaluate:
                             items_ge=1, flag=False, used="workflow: one evaluate job per stage")
     num_images: int = key(paper.FID_IMAGES, "images generated for FID and CLIP score", ge=2)
     steps: int = key(paper.SAMPLER["steps"], "Heun steps", ge=2)
+    guidance_sweep: list[float] = key([], "more guidance scales, each with its own FID and CLIP score images: the "
+                                      "report draws FID against CLIP score over them (empty: none)", items_ge=0)
     guidance: float = key(paper.SAMPLER["guidance"], "classifier-free guidance scale", ge=0)
     batch_size: int = key(16, "images per sampler call", ge=1)
     geneval_prompts: str = key("shapes", "shapes | official | none | path to a GenEval metadata jsonl", min_length=1)
@@ -537,7 +539,7 @@ def add_flags(parser: argparse.ArgumentParser, path: str, *, top: tuple[str, ...
         elif typing.get_origin(inner) is list:
             item = _args(inner)[0]
             same = meta.get("min_items") is not None and meta.get("min_items") == meta.get("max_items")
-            kw["nargs"] = meta["min_items"] if same else "+"
+            kw["nargs"] = meta["min_items"] if same else "+" if meta.get("min_items") else "*"  # "*": may be empty
             kw["type"] = _checked(item, {**meta, "ge": meta.get("items_ge"),
                                          "multiple_of": meta.get("items_multiple_of")}, f.name) \
                 if item in (int, float) else item

@@ -140,6 +140,25 @@ def test_every_metric_has_its_bootstrap_interval(first_run):
     assert set(ge["interval"]["tasks"]) == set(ge["tasks"])
 
 
+def test_guidance_sweep_scores_each_scale_as_a_run_at_that_scale(world, first_run, tmp_path):
+    out = tmp_path / "sweep"
+    assert ev.run(cli_args(world, out, "--guidance-sweep", "4.0", "2.0", "1.0", "--geneval-prompts", "none")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    points = m["guidance_sweep"]
+    assert [p["guidance"] for p in points] == [1.0, 2.0, 4.0] and [p["main"] for p in points] == [False, True, False]
+    assert (out / "images" / "fid_g1").is_dir() and (out / "images" / "fid_g4").is_dir()
+    assert m["generated"]["new_this_run"]["fid_g4"] == N_IMAGES
+    main = next(p for p in points if p["main"])
+    assert main["fid"] == m["fid"]["value"] and main["clip_score"] == m["clip_score"]["value"]
+    # the point at 4.0 is what a plain run at guidance 4.0 measures (same captions, same seeds)
+    alone = tmp_path / "at4"
+    assert ev.run(cli_args(world, alone, "--guidance", "4.0", "--geneval-prompts", "none")) == 0
+    at4 = json.loads((alone / "metrics.json").read_text())
+    assert points[2]["fid"] == pytest.approx(at4["fid"]["value"], rel=1e-9)
+    assert points[2]["clip_score"] == pytest.approx(at4["clip_score"]["value"], rel=1e-9)
+    assert "guidance_sweep" not in json.loads((first_run / "metrics.json").read_text())
+
+
 def test_images_grid_and_geneval_layout(first_run):
     fid_images = sorted((first_run / "images" / "fid").glob("*.png"))
     assert [p.name for p in fid_images] == [f"{i:06d}.png" for i in range(N_IMAGES)]

@@ -415,3 +415,18 @@ def test_intervals_are_shown_and_decide_what_differs(tmp_path):
         "overall": 0.1, "tasks": tasks, "interval": {"interval": [0.01, 0.2], "level": 0.95, "draws": 10}}})
     build_report(results, root, out)
     assert "overlap: not told apart" in re.search(r'id="geneval-compare">(.*?)</p>', out.read_text(), re.S)[1]
+
+
+def test_guidance_sweep_is_drawn(tmp_path):
+    results, root = tmp_path / "results", tmp_path / "data"
+    points = [{"guidance": g, "fid": 50.0 - g, "clip_score": 20.0 + g, "main": g == 5.0} for g in (1.0, 3.0, 5.0, 8.0)]
+    write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "fid": {"value": 45.0},
+                                                              "guidance_sweep": points})
+    out = results / "report.html"
+    build_report(results, root, out)
+    html = out.read_text()
+    assert 'id="guidance-sweep"' in html and "FID 42.00 / CLIP 28.00" in section_text(html, "evaluation")
+    # without a sweep, no such figure
+    write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "fid": {"value": 45.0}})
+    build_report(results, root, out)
+    assert 'id="guidance-sweep"' not in out.read_text()

@@ -169,6 +169,31 @@ def summary_geneval(m: dict) -> list[str]:
     return [f"GenEval {m['geneval']['overall']:.3f}{interval_text(m['geneval'])}"] if m.get("geneval") else []
 
 
+# ---------------------------------------------------------------- guidance sweep
+
+
+def sweep_set_name(guidance) -> str:
+    """The image set (and folder) of the FID captions at another guidance scale: fid_g3, fid_g7.5."""
+    return f"{CAPTIONS}_g{guidance:g}" if guidance != "" else f"{CAPTIONS}_g"
+
+
+def score_sweep(s: Scoring, metrics: dict, sets: dict[float, ImageSet]) -> list[dict]:
+    """FID (at the generation resolution) and CLIP score at each guidance scale, the main one from
+    `metrics`, in order of guidance: the points of the report's FID-against-CLIP curve."""
+    args = argparse.Namespace(**{**vars(s.args), "fid_256": False})
+    points = [{"guidance": s.args.guidance, "fid": (metrics.get("fid") or {}).get("value"),
+               "clip_score": (metrics.get("clip_score") or {}).get("value"), "main": True}]
+    for guidance, images in sets.items():
+        one = Scoring(args, s.device, s.resolution, s.real_dir, {CAPTIONS: images})
+        fid, clip = score_fid(one)["fid"], score_clip(one)["clip_score"]
+        points.append({"guidance": guidance, "fid": fid["value"], "clip_score": clip["value"], "main": False,
+                       "fid_interval": (fid.get("interval") or {}).get("interval"),
+                       "clip_interval": (clip.get("interval") or {}).get("interval")})
+    points[0].update(fid_interval=((metrics.get("fid") or {}).get("interval") or {}).get("interval"),
+                     clip_interval=((metrics.get("clip_score") or {}).get("interval") or {}).get("interval"))
+    return sorted(points, key=lambda p: p["guidance"])
+
+
 # name (also its key in metrics.json's timing_s) -> metric, in the order they run and are summarised
 METRICS: dict[str, Metric] = {
     "fid": Metric(CAPTIONS, ("fid", "fid_256"), score_fid, summary_fid),

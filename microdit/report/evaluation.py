@@ -31,6 +31,35 @@ def geneval_plot(tags: list[str], tasks: list[str], table: dict[str, dict[str, f
     return png_uri(fig)
 
 
+def sweep_plot(sweeps: dict[str, list[dict]]) -> str | None:
+    """FID against CLIP score over the guidance scales, a line per checkpoint; the paper's scale starred."""
+    from microdit.paper import SAMPLER
+
+    drawn = {tag: [p for p in points if is_num(p.get("fid")) and is_num(p.get("clip_score"))]
+             for tag, points in sweeps.items()}
+    drawn = {tag: points for tag, points in drawn.items() if len(points) > 1}
+    if not drawn:
+        return None
+    fig = figure(5.2, 3.4, left=0.65)
+    ax = fig.subplots()
+    palette = ["#b0b0b0", "#8fb0d8", "#2f67a8", "#1b4379", "#0d2645"]
+    for j, (tag, points) in enumerate(drawn.items()):
+        xs, ys = [p["clip_score"] for p in points], [p["fid"] for p in points]
+        ax.plot(xs, ys, marker="o", markersize=3, color=palette[j % 5], label=tag)
+        for p in points:
+            ax.annotate(f"{p['guidance']:g}", (p["clip_score"], p["fid"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+            if p["guidance"] == SAMPLER["guidance"]:
+                ax.plot([p["clip_score"]], [p["fid"]], marker="*", markersize=10, color=palette[j % 5])
+    ax.set_xlabel("CLIP score", fontsize=8)
+    ax.set_ylabel("FID", fontsize=8)
+    ax.set_title(f"guidance sweep (numbers: scale; star: the paper's {SAMPLER['guidance']:g})", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    return png_uri(fig)
+
+
 def samples_section(root: Path, results: Path, eval_tags: list[str], problems: Problems,
                     stages: list[int] = (1, 2, 3, 4)) -> list[dict]:
     grids = []
@@ -125,7 +154,9 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
                    "separated": None if not (a and b) else (a[1] < b[0] or b[1] < a[0]),
                    "rows": [(t, [geneval[tag].get(t) for tag in compare_tags], _delta(geneval[last].get(t), geneval["stage0"].get(t)))
                             for t in ["overall", *tasks]]}
+    sweeps = {tag: m["guidance_sweep"] for tag, m in metrics.items() if isinstance(m.get("guidance_sweep"), list)}
     return {"tasks": tasks, "rows": rows, "compare": compare, "untrained": geneval.get("stage0"),
+            "sweep": sweeps, "sweep_plot": sweep_plot(sweeps),
             "plot": geneval_plot(compare_tags, tasks, geneval) if tasks else None,
             "geneval": geneval}
 
