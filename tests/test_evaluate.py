@@ -140,6 +140,13 @@ def test_every_metric_has_its_bootstrap_interval(first_run):
     assert set(ge["interval"]["tasks"]) == set(ge["tasks"])
 
 
+def test_kid_of_the_fid_images_as_clean_fid_computes_it(first_run, world):
+    m = json.loads((first_run / "metrics.json").read_text())
+    kid = m["kid"]
+    assert np.isfinite(kid["value"]) and kid["subsets"] == 100 and kid["subset_size"] == N_IMAGES
+    assert kid["comparable"] is False and kid["resolution"] == RES
+
+
 def test_guidance_sweep_scores_each_scale_as_a_run_at_that_scale(world, first_run, tmp_path):
     out = tmp_path / "sweep"
     assert ev.run(cli_args(world, out, "--guidance-sweep", "4.0", "2.0", "1.0", "--geneval-prompts", "none")) == 0

@@ -421,11 +421,12 @@ def test_guidance_sweep_is_drawn(tmp_path):
     results, root = tmp_path / "results", tmp_path / "data"
     points = [{"guidance": g, "fid": 50.0 - g, "clip_score": 20.0 + g, "main": g == 5.0} for g in (1.0, 3.0, 5.0, 8.0)]
     write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "fid": {"value": 45.0},
-                                                              "guidance_sweep": points})
+                                                              "kid": {"value": 0.01234}, "guidance_sweep": points})
     out = results / "report.html"
     build_report(results, root, out)
     html = out.read_text()
     assert 'id="guidance-sweep"' in html and "FID 42.00 / CLIP 28.00" in section_text(html, "evaluation")
+    assert "KID ×10³" in html and "12.34" in section_text(html, "evaluation")  # KID x 1000
     # without a sweep, no such figure
     write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "fid": {"value": 45.0}})
     build_report(results, root, out)

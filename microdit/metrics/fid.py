@@ -197,6 +197,33 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, features1: np.ndarray | None = No
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 
 
+KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # clean-fid's defaults
+
+
+def kernel_distance(generated: np.ndarray, reference: np.ndarray, subsets: int = KID_SUBSETS,
+                    subset_size: int = KID_SUBSET_SIZE, seed: int = 0) -> float:
+    """KID as clean-fid's `kernel_distance`: the unbiased squared MMD under the cubic polynomial
+    kernel k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
+    m = min(n_generated, n_reference, subset_size) images drawn from each side without replacement.
+    The draws use numpy's legacy generator seeded with `seed`, in the order clean-fid's `compute_kid`
+    makes them against reference features (a generated subset, then a reference one), so
+    `np.random.seed(seed)` before clean-fid's `kernel_distance(reference, generated)` gives the same
+    number."""
+    d = generated.shape[1]
+    m = min(len(generated), len(reference), subset_size)
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images on each side, got {len(generated)} and {len(reference)}")
+    rng = np.random.RandomState(seed)
+    total = 0.0
+    for _ in range(subsets):
+        gen = generated[rng.choice(len(generated), m, replace=False)]
+        ref = reference[rng.choice(len(reference), m, replace=False)]
+        within = (ref @ ref.T / d + 1) ** 3 + (gen @ gen.T / d + 1) ** 3
+        across = (ref @ gen.T / d + 1) ** 3
+        total += (within.sum() - np.trace(within)) / (m - 1) - 2 * across.sum() / m
+    return float(total / subsets / m)
+
+
 def _moments(feats: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     from microdit.errors import UserError
 
@@ -235,19 +262,21 @@ def reference_stats(
     items = _as_items(real)
     key = hashlib.sha256(f"{_set_signature(items)}:{extractor.fingerprint}:{resolution}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{name}-{resolution or 'native'}px-{extractor.kind}-{key}.npz"
-    if path.is_file():
-        cached = np.load(path)
+    cached = np.load(path) if path.is_file() else None
+    if cached is not None and "features" in cached:  # older caches lack the features KID needs
         mu, sigma, n, skipped = cached["mu"], cached["sigma"], int(cached["n"]), int(cached["skipped"])
+        feats = cached["features"]
     else:
         feats, skipped = features(items, extractor, resolution, batch_size, num_workers)
         mu, sigma = _moments(feats, f"reference set {name!r}")
         n = len(feats)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, n=n, skipped=skipped)
+            np.savez(f, mu=mu, sigma=sigma, n=n, skipped=skipped, features=feats.astype(np.float32))
     return {
         "name": name,
         "mu": mu,
         "sigma": sigma,
+        "features": feats,
         "n": n,
         "skipped": skipped,
         "resolution": resolution,
@@ -277,6 +306,7 @@ def fid(
     mu, sigma = _moments(feats, "the generated set")
     result = {
         "fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"], features1=feats),
+        "kid": kernel_distance(feats, ref["features"], seed=seed) if ref.get("features") is not None else None,
         "comparable": extractor.comparable,
         "extractor": extractor.kind,
         "resolution": ref["resolution"],

@@ -68,14 +68,20 @@ def score_fid(s: Scoring) -> dict[str, dict | None]:
 
     args = s.args
     extractor = fidlib.load_extractor(args.fid, s.device)
-    results = {}
+    results, kid = {}, {}
     for res in sorted({s.resolution, 256} if args.fid_256 else {s.resolution}):
         ref = fidlib.reference_stats(s.real_dir, s.real_dir.name, extractor, args.cache / "fid_stats", res,
                                      args.batch_size, args.workers)
         raw = fidlib.fid(s.images[CAPTIONS].folder, ref, extractor, args.batch_size, args.workers,
                          bootstrap=args.bootstrap, seed=args.seed)
         results[res] = fid_record(raw, args.eval_mds.name)
-    return {"fid": results[s.resolution], "fid_256": results[256] if args.fid_256 else None}
+        kid[res] = raw.get("kid")
+    return {"fid": results[s.resolution], "fid_256": results[256] if args.fid_256 else None,
+            "kid": None if kid[s.resolution] is None else {
+                "value": kid[s.resolution], "comparable": False, "extractor": results[s.resolution]["extractor"],
+                "resolution": s.resolution, "subsets": fidlib.KID_SUBSETS,
+                "subset_size": min(fidlib.KID_SUBSET_SIZE, results[s.resolution]["n_gen"], results[s.resolution]["n_ref"]),
+                "note": "KID (clean-fid's kernel distance) of the FID images: the paper reports none"}}
 
 
 def fid_record(raw: dict, split: str) -> dict:
@@ -105,6 +111,8 @@ def summary_fid(m: dict) -> list[str]:
              f"{m['fid']['resolution']} px)"]
     if m.get("fid_256"):
         parts.append(f"FID-256 {m['fid_256']['value']:.2f}")
+    if m.get("kid"):
+        parts.append(f"KID {m['kid']['value']:.4f}")
     return parts
 
 
@@ -196,7 +204,7 @@ def score_sweep(s: Scoring, metrics: dict, sets: dict[float, ImageSet]) -> list[
 
 # name (also its key in metrics.json's timing_s) -> metric, in the order they run and are summarised
 METRICS: dict[str, Metric] = {
-    "fid": Metric(CAPTIONS, ("fid", "fid_256"), score_fid, summary_fid),
+    "fid": Metric(CAPTIONS, ("fid", "fid_256", "kid"), score_fid, summary_fid),
     "clip_score": Metric(CAPTIONS, ("clip_score",), score_clip, summary_clip),
     "geneval": Metric(GENEVAL, ("geneval",), score_geneval, summary_geneval),
 }

@@ -115,7 +115,7 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
     rows, geneval = [], {}
     for tag, m in metrics.items():
         fid, fid256 = m.get("fid") or {}, m.get("fid_256") or {}
-        clip, ge = m.get("clip_score") or {}, m.get("geneval") or {}
+        clip, ge, kid = m.get("clip_score") or {}, m.get("geneval") or {}, m.get("kid") or {}
         ge_ok = bool(ge.get("comparable"))
         task_acc = ge.get("tasks") or {}
         geneval[tag] = {"overall": ge.get("overall") if is_num(ge.get("overall")) else None,
@@ -127,6 +127,7 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
             "fid": _cell(fid.get("value"), bool(fid.get("comparable")), fid.get("interval")),
             "fid_256": _cell(fid256.get("value"), bool(fid256.get("comparable")), fid256.get("interval")),
             "clip": _cell(clip.get("value"), bool(clip.get("comparable")), clip.get("interval")),
+            "kid": _cell(kid.get("value"), bool(kid.get("comparable")) if kid else None),
             "overall": _cell(ge.get("overall"), ge_ok, ge.get("interval")),
             "tasks": [_cell(task_acc.get(t), ge_ok, ((ge.get("interval") or {}).get("tasks") or {}).get(t))
                       for t in tasks],
@@ -141,7 +142,7 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
             ] if x),
         })
     for name, fid, overall in PAPER_RESULTS:
-        rows.append({"name": f"paper: {name}", "paper": True, "fid": _cell(fid), "fid_256": _cell(None),
+        rows.append({"name": f"paper: {name}", "paper": True, "fid": _cell(fid), "fid_256": _cell(None), "kid": _cell(None),
                      "clip": _cell(None), "overall": _cell(overall), "tasks": [_cell(None) for _ in tasks], "notes": ""})
     # untrained against trained, task by task
     compare_tags = list(geneval)
