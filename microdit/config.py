@@ -160,6 +160,13 @@ def stage_numbers(config: dict) -> list[int]:
     return sorted(int(name.removeprefix("stage")) for name in config["train"]["stages"])
 
 
+def _check_eval_inputs(config: dict) -> None:
+    listed = config["evaluate"]["captions_file"]
+    if listed and not Path(listed).is_file():
+        raise ConfigError(f"config key 'evaluate.captions_file': '{listed}' does not exist (a caption list, one per "
+                          "line or JSON lines with a 'caption'; null draws the captions from the split)")
+
+
 def _check_stages(config: dict) -> None:
     """Stages are trained in order, each from the previous one: their names count up from stage1."""
     have = stage_numbers(config)
@@ -284,6 +291,7 @@ def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[
     _check_sources(merged)
     _check_source_inputs(merged)
     _check_stages(merged)
+    _check_eval_inputs(merged)
     _check_stage_resolutions(merged)
     return merged
 

@@ -106,6 +106,36 @@ def draw_captions(captions: list[str], n: int, seed: int) -> list[str]:
     return [pool[i] for i in order[:n]]
 
 
+def caption_list(path: Path, n: int, sha256: str | None = None) -> list[str]:
+    """The first `n` captions of a fixed list (a published protocol's, so runs and papers prompt
+    alike): one per line, or JSON lines with a "caption" (or "text") field. Fewer than `n` is an
+    error, as is a checksum that differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--captions-file {path} does not exist")
+    data = path.read_bytes()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"--captions-file {path}: sha256 {hashlib.sha256(data).hexdigest()} is not the expected "
+                        f"{sha256} (another version of the list?)")
+    captions = []
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("{"):
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                raise UserError(f"--captions-file {path}, line {number}: not valid JSON") from None
+            text = str(row.get("caption", row.get("text", ""))).strip()
+            if not text:
+                raise UserError(f"--captions-file {path}, line {number}: no 'caption' or 'text' field")
+        captions.append(text)
+    if len(captions) < n:
+        raise UserError(f"--captions-file {path} holds {len(captions)} captions, fewer than --num-images {n}")
+    return captions[:n]
+
+
 def read_index(real_dir: Path) -> list[dict]:
     """The rows (file, key, caption) of an export, in image order."""
     return [json.loads(line) for line in (real_dir / REAL_INDEX).read_text().splitlines() if line.strip()]

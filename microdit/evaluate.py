@@ -33,7 +33,7 @@ from PIL import Image
 
 from microdit.distributed import setup_runtime
 from microdit.errors import UserError
-from microdit.eval_data import draw_captions, export_eval_split, geneval_prompt_set, read_index
+from microdit.eval_data import caption_list, draw_captions, export_eval_split, geneval_prompt_set, read_index
 from microdit.image_grid import save_grid
 from microdit.io import atomic_path, read_json, write_json
 from microdit.metrics.registry import CAPTIONS, GENEVAL, METRICS, ImageSet, Scoring, score_sweep, sweep_set_name
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     t = time.time()
     real_dir = rt.rank0_first(lambda: export_eval_split(args.eval_mds, args.cache))
     rows = read_index(real_dir)
-    captions = draw_captions([r["caption"] for r in rows], args.num_images, args.seed)
+    captions = (caption_list(Path(args.captions_file), args.num_images, args.captions_sha256) if args.captions_file
+                else draw_captions([r["caption"] for r in rows], args.num_images, args.seed))
     wants_geneval = args.geneval_prompts != "none" and any(m.images == GENEVAL for m in METRICS.values())
     geneval_meta = rt.rank0_first(lambda: geneval_prompt_set(args)) if wants_geneval else []
     sets = image_sets(args.out, captions, geneval_meta, args.geneval_images_per_prompt)
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         "model": {k: model_info[k] for k in ("name", "params", "latent_size", "caption_channels")},
         "settings": settings,
         "eval_split": {"path": str(args.eval_mds), "name": args.eval_mds.name, "real_images": len(rows),
-                       "exported_to": str(real_dir), "captions_drawn": len(captions)},
+                       "exported_to": str(real_dir), "captions_drawn": len(captions),
+                       "captions_from": args.captions_file or "seeded draw from the split"},
         "generated": {**{name: len(images.paths) for name, images in sets.items()}, "new_this_run": made},
     }
     scoring = Scoring(args, device, resolution, real_dir, sets)

@@ -270,6 +270,11 @@ class Evaluate:
                             items_ge=1, flag=False, used="workflow: one evaluate job per stage")
     num_images: int = key(paper.FID_IMAGES, "images generated for FID and CLIP score", ge=2)
     steps: int = key(paper.SAMPLER["steps"], "Heun steps", ge=2)
+    captions_file: str | None = key(None, "a fixed caption list for FID and CLIP score (one per line, or JSON lines "
+                                    "with a 'caption'): its first num_images, in order, instead of a seeded draw "
+                                    "from the evaluation split (null: the draw)", min_length=1)
+    captions_sha256: str | None = key(None, "the list's sha256, checked before use (null: not checked)",
+                                      pattern="^[0-9a-f]{64}$")
     guidance_sweep: list[float] = key([], "more guidance scales, each with its own FID and CLIP score images: the "
                                       "report draws FID against CLIP score over them (empty: none)", items_ge=0)
     guidance: float = key(paper.SAMPLER["guidance"], "classifier-free guidance scale", ge=0)

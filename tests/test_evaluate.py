@@ -147,6 +147,26 @@ def test_kid_of_the_fid_images_as_clean_fid_computes_it(first_run, world):
     assert kid["comparable"] is False and kid["resolution"] == RES
 
 
+def test_a_fixed_caption_list_prompts_in_its_order(world, tmp_path):
+    import hashlib
+
+    listed = tmp_path / "captions.jsonl"
+    lines = [json.dumps({"caption": f"a red circle number {i}"}) for i in range(N_IMAGES + 3)]
+    listed.write_text("\n".join(lines) + "\n")
+    digest = hashlib.sha256(listed.read_bytes()).hexdigest()
+    out = tmp_path / "listed"
+    assert ev.run(cli_args(world, out, "--captions-file", str(listed), "--captions-sha256", digest,
+                           "--geneval-prompts", "none")) == 0
+    manifest = json.loads((out / "images" / "fid" / "manifest.json").read_text())
+    assert manifest["prompts"] == [f"a red circle number {i}" for i in range(N_IMAGES)]
+    assert json.loads((out / "metrics.json").read_text())["eval_split"]["captions_from"] == str(listed)
+    with pytest.raises(UserError, match="sha256"):
+        ev.run(cli_args(world, out, "--captions-file", str(listed), "--captions-sha256", "0" * 64))
+    listed.write_text("one\ntwo\n")
+    with pytest.raises(UserError, match="fewer than --num-images"):
+        ev.run(cli_args(world, out, "--captions-file", str(listed)))
+
+
 def test_guidance_sweep_scores_each_scale_as_a_run_at_that_scale(world, first_run, tmp_path):
     out = tmp_path / "sweep"
     assert ev.run(cli_args(world, out, "--guidance-sweep", "4.0", "2.0", "1.0", "--geneval-prompts", "none")) == 0

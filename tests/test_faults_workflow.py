@@ -90,6 +90,10 @@ def hostile_config(tmp_path: Path, preset: str, payload: str) -> tuple[dict, dic
         elif path[-1] == "path":  # a model directory the config check finds
             (tmp_path / "models" / text).mkdir(parents=True)
             text = str(tmp_path / "models" / text)
+        elif path[-1] == "captions_file":  # the evaluation's caption list, which the config check finds
+            (tmp_path / "inputs").mkdir(exist_ok=True)
+            (tmp_path / "inputs" / text).touch()
+            text = str(tmp_path / "inputs" / text)
         elif path[-1] == "input":  # a source's URL list, which the config check finds too
             (tmp_path / "inputs").mkdir(exist_ok=True)
             (tmp_path / "inputs" / text).touch()

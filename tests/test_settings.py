@@ -109,7 +109,7 @@ def _perturbed(value, tp, meta: dict):
 
 
 # Keys that other keys constrain (a stage's resolution must have latents); left at the preset value.
-FIXED = {"resolution", "resolutions", "init_optimizer", "geneval_prompts"}
+FIXED = {"resolution", "resolutions", "init_optimizer", "geneval_prompts", "captions_file", "captions_sha256"}
 
 
 def perturbed_config() -> dict:

@@ -20,6 +20,8 @@ def evaluate_inputs(wildcards):
     }
     if wildcards.tag != "stage0":
         inputs["checkpoint"] = f"{ROOT}/checkpoints/{wildcards.tag}/summary.json"
+    if config["evaluate"]["captions_file"]:  # a fixed caption list: a changed file reruns the evaluation
+        inputs["captions"] = config["evaluate"]["captions_file"]
     return inputs
 
 
