@@ -50,7 +50,8 @@ RUN_FILE = "run.json"  # beside each checkpoint: what defines the run (see micro
 LOCK_FILE = "train.lock"  # flock'ed by the one trainer writing --out (holds its pid; empty when none runs)
 SUPERSEDED_DIR = "ckpt.superseded"  # <fingerprint key>/: earlier runs with other settings, resumable
 # What one run writes into --out; a superseded run takes all of it along, so nothing mixes two runs.
-RUN_OUTPUTS = (CKPT_ROOT, FINAL_DIR, SUMMARY_FILE, "samples.png", "samples.json", "metrics.jsonl", "metrics.csv", "tb")
+RUN_OUTPUTS = (CKPT_ROOT, FINAL_DIR, SUMMARY_FILE, "samples.png", "samples.json", "metrics.jsonl", "metrics.csv", "tb",
+               "evals", "evals.jsonl")
 
 
 # ---- model directories ---------------------------------------------------------------------------

@@ -257,6 +257,11 @@ class Train:
                                     min_items=1, min_length=1)
     sample_steps: int = key(paper.SAMPLER["steps"], "Heun steps of the sample grid", ge=2)
     sample_guidance: float = key(paper.SAMPLER["guidance"], "guidance scale of the sample grid", ge=0)
+    eval_every: int = key(0, "every N steps (and at a stage's end): a sample grid on the sample prompts and a "
+                          "small-n GenEval, plotted per stage in the report (0: off)", ge=0)
+    eval_prompts: str = key("shapes", "GenEval prompts of the in-training evaluation: shapes | none | a GenEval "
+                            "metadata .jsonl", min_length=1)
+    eval_per_task: int = key(2, "in-training GenEval prompts per task, one image each (0: all)", ge=0)
     on_change: Literal["restart", "error"] = key(
         "restart", "when a stage's settings changed since its checkpoints: set them aside and restart, or stop")
     stages: dict[str, Stage] = key(help="the stages, trained in order; each starts from the previous one's weights",

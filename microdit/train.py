@@ -114,6 +114,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> int:
         raise UserError(str(e)) from None
     if bool(args.vae) != bool(args.text_encoder):
         raise UserError("the sample grid needs both --vae and --text-encoder (or neither)")
+    if args.eval_every and not args.vae:
+        raise UserError("--eval-every needs --vae and --text-encoder to sample with (or set it to 0)")
     if args.init_optimizer and not args.init:
         raise UserError("--init-optimizer needs --init")
     args.micro_batch = micro
@@ -160,6 +162,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "for 512 px after 256 px; 1.0 without --init)")
     p.add_argument("--vae", help="HF-format VAE directory (for the sample grid)")
     p.add_argument("--text-encoder", help="HF-format text encoder directory (for the sample grid)")
+    p.add_argument("--detector", help="GenEval detector directory (for the in-training GenEval, --eval-every)")
+    p.add_argument("--clip", help="CLIP directory (GenEval colours, when the detector gives none)")
     p.add_argument("--sample-prompts-file", help="file with one prompt per line for the sample grid, besides "
                    "--sample-prompts")
     p.add_argument("--sample-seed", type=int, help="default: --seed")

@@ -431,3 +431,22 @@ def test_guidance_sweep_is_drawn(tmp_path):
     write_json(results / "eval" / "stage4" / "metrics.json", {"tag": "stage4", "fid": {"value": 45.0}})
     build_report(results, root, out)
     assert 'id="guidance-sweep"' not in out.read_text()
+
+
+def test_in_training_evaluation_is_plotted_over_the_stages(tmp_path):
+    results, root = tmp_path / "results", tmp_path / "data"
+    results.mkdir()
+    for n, scores in ((1, [0.0, 0.1, 0.3]), (2, [0.35])):
+        d = root / "checkpoints" / f"stage{n}"
+        d.mkdir(parents=True)
+        (d / "evals.jsonl").write_text("".join(json.dumps({"step": 100 * (i + 1), "geneval": g}) + "\n"
+                                               for i, g in enumerate(scores)) + '{"step": 4')  # a cut row
+        write_json(d / "summary.json", {"stage": n, "steps": 100 * len(scores)})
+    out = results / "report.html"
+    build_report(results, root, out, config_path=tmp_path / "none.json")
+    html = out.read_text()
+    assert 'id="in-training-eval"' in html and "not comparable" in section_text(html, "training")
+    (root / "checkpoints" / "stage1" / "evals.jsonl").unlink()
+    (root / "checkpoints" / "stage2" / "evals.jsonl").unlink()
+    build_report(results, root, out, config_path=tmp_path / "none.json")
+    assert 'id="in-training-eval"' not in out.read_text()

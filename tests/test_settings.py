@@ -34,7 +34,7 @@ CONTEXT = {
     "caption": {"raw", "out", "model", "min_size", "max_images"},
     "mds": {"raw", "out", "captions", "caption_field", "workers"},
     "latents": {"mds", "out", "vae", "text_encoder", "image_column", "caption_column"},
-    "train": {"out", "latents", "weights", "init", "vae", "text_encoder", "stage", "pos_interp_scale",
+    "train": {"out", "latents", "weights", "init", "vae", "text_encoder", "detector", "clip", "stage", "pos_interp_scale",
               "sample_prompts_file", "sample_seed", "max_steps_this_run", "clean_shm"},
     "evaluate": {"tag", "checkpoint", "untrained", "ema", "model", "resolution", "caption_channels", "patch_mixer",
                  "eval_mds", "vae", "text_encoder", "clip", "fid", "detector", "out", "cache"},

@@ -298,6 +298,34 @@ def test_sample_grid_from_the_final_weights(data, tmp_path):
     assert meta["prompts"] == ["a red circle", "two blue squares"] and meta["weights"] == "ema"
 
 
+def test_in_training_evaluation_leaves_training_exact(data, tmp_path):
+    """Every --eval-every steps a grid and a small-n GenEval row; the weights and the loss curve are
+    those of a run without it, and a resumed run redoes (and rewrites) the rows after its checkpoint."""
+    vae, text = tiny_vae(tmp_path / "vae"), tiny_text_encoder(tmp_path / "text")
+    detector = tmp_path / "detector"
+    detector.mkdir()
+    (detector / "config.json").write_text(json.dumps({"kind": "shapes"}))
+    common = ("--vae", str(vae), "--text-encoder", str(text), "--sample-prompts", "a red circle", "--sample-steps", "2")
+    plain, watched = tmp_path / "plain", tmp_path / "watched"
+    assert train(plain, data, *common) == 0
+    assert train(watched, data, *common, "--eval-every", "2", "--detector", str(detector), "--eval-per-task", "1") == 0
+    assert losses(watched) == losses(plain)
+    a, b = weights(plain / "final" / "model.safetensors"), weights(watched / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (watched / "evals.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, STEPS + 1, 2))
+    assert all(0 <= r["geneval"] <= 1 and r["images"] == 6 and "not comparable" in r["note"] for r in rows)
+    assert all((watched / r["grid"]).is_file() for r in rows)
+    # stopped after 3 steps (checkpoint at 3? at 2, ckpt-every 2), then resumed: no duplicated rows
+    again = tmp_path / "again"
+    flags = (*common, "--eval-every", "2", "--detector", str(detector), "--eval-per-task", "1")
+    assert train(again, data, *flags, "--max-steps-this-run", "3") == EXIT_RESUMABLE
+    assert train(again, data, *flags) == 0
+    rows_again = [json.loads(line) for line in (again / "evals.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_again] == [r["step"] for r in rows]
+    assert [r["geneval"] for r in rows_again] == [r["geneval"] for r in rows]
+
+
 # ---- pieces ----------------------------------------------------------------------------------------
 
 def test_moe_parameters_get_their_own_lr():

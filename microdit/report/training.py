@@ -53,6 +53,38 @@ def training_plot(rows: list[dict]) -> str | None:
     return png_uri(fig)
 
 
+def read_evals(path: Path, problems: Problems) -> list[dict]:
+    """The in-training evaluation rows of a stage (evals.jsonl), those with a GenEval number."""
+    rows = read_metrics(path, problems) if path.is_file() else []
+    return [r for r in rows if is_num(r.get("step")) and is_num(r.get("geneval"))]
+
+
+def evals_plot(stages: list[dict]) -> str | None:
+    """In-training GenEval against the step counted over all stages, a band per stage."""
+    offset, points, bounds = 0, [], []
+    for s in stages:
+        rows = s.get("evals") or []
+        points += [(offset + r["step"], r["geneval"], s["stage"]) for r in rows]
+        steps = (s["summary"].get("steps") if is_num(s["summary"].get("steps")) else None) or (rows[-1]["step"] if rows else 0)
+        bounds.append((offset, offset + steps, s["stage"]))
+        offset += steps
+    if not points:
+        return None
+    fig = figure(6.4, 2.6, left=0.6)
+    ax = fig.subplots()
+    for j, (start, end, n) in enumerate(bounds):
+        if j % 2:
+            ax.axvspan(start, end, color="#f0f0f0", zorder=0)
+        ax.text((start + end) / 2, 1.02, f"stage {n}", ha="center", va="bottom", fontsize=7, transform=ax.get_xaxis_transform())
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color="#1f4e8c")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step (all stages)", fontsize=8)
+    ax.set_ylabel("GenEval (small-n)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    return png_uri(fig)
+
+
 def training_section(root: Path, problems: Problems, numbers: list[int] = (1, 2, 3, 4)) -> dict:
     """The run's stages, trained or not: their settings beside the paper's, and their training curves."""
     stages = []
@@ -63,8 +95,8 @@ def training_section(root: Path, problems: Problems, numbers: list[int] = (1, 2,
         stages.append({
             "stage": n, "ran": bool(summary or rows), "finished": bool(summary), "summary": summary,
             "paper": PAPER_STAGES.get(n, {}), "n_logged": len(rows), "last": rows[-1] if rows else {},
-            "plot": training_plot(rows) if rows else None,
+            "plot": training_plot(rows) if rows else None, "evals": read_evals(d / "evals.jsonl", problems),
         })
     present = {k for s in stages for k in (*s["summary"], *s["paper"])} - {"stage"}
     keys = [k for k in SETTING_KEYS if k in present] + sorted(present - set(SETTING_KEYS))
-    return {"stages": stages, "settings": keys, "any": any(s["ran"] for s in stages)}
+    return {"stages": stages, "settings": keys, "any": any(s["ran"] for s in stages), "evals_plot": evals_plot(stages)}

@@ -113,6 +113,11 @@ class Progress:
             self.restart()
         self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        """A line beside the bar (rank 0)."""
+        if self.s.rt.main:
+            (print if self.bar.disable else self.bar.write)(text)
+
     def close(self) -> None:
         self.bar.close()
         if self.log is not None:

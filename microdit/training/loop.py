@@ -14,6 +14,7 @@ import torch
 
 from microdit.checkpoint import checkpoint_dir, checkpoints, save_checkpoint, save_final
 from microdit.errors import UserError
+from microdit.training import evals
 from microdit.training.log import Progress, sample_prompts, write_samples, write_summary
 from microdit.training.runtime import Runtime, StopRequest, device_name, gradient_sync
 from microdit.training.setup import Plan, Stage, build_stage
@@ -33,6 +34,8 @@ def train(args: argparse.Namespace, rt: Runtime, plan: Plan) -> bool:
           f"{device_name(rt.device)}")
     saved_at = s.step if s.resumed else None
     steps_this_run, stop_reason = 0, None
+    if args.eval_every and rt.main:
+        evals.forget_after(s.out, s.step)
     progress = Progress(s)
     try:
         with StopRequest() as stop:
@@ -50,6 +53,11 @@ def train(args: argparse.Namespace, rt: Runtime, plan: Plan) -> bool:
                 if s.step % args.ckpt_every == 0 or stop_reason:
                     save(s)
                     saved_at = s.step
+                    progress.resume_clock()
+                if not stop_reason and evals.due(s.step, args.eval_every, args.steps):
+                    row = evals.evaluate_now(s)
+                    if row and "geneval" in row:
+                        progress.note(f"step {s.step}: in-training GenEval {row['geneval']:.3f} (small-n)")
                     progress.resume_clock()
                 if stop_reason:
                     break

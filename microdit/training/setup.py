@@ -59,6 +59,7 @@ class Stage:
     resumed: bool
     generator: torch.Generator  # the loss's draws, re-seeded for every micro-batch
     step: int = 0
+    eval_tools: Any = None  # what in-training evaluation loads once (microdit.training.evals)
     images_seen: int = 0
     train_s: float = 0.0
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "grad_norm": 0.0, "n": 0})

@@ -24,6 +24,8 @@ def train_inputs(wildcards):
         "vae": model_info("vae"),
         "text_encoder": model_info("text_encoder"),
     }
+    if config["train"]["eval_every"]:
+        inputs["eval_models"] = [model_info("detector"), model_info("clip")]
     if stage > 1:
         inputs["previous"] = f"{ROOT}/checkpoints/stage{stage - 1}/summary.json"
     return inputs
@@ -40,6 +42,8 @@ def train_args(wildcards):
     if stage > 1:
         args.append("--init " + q(f"{ROOT}/checkpoints/stage{stage - 1}/final"))
     args += ["--vae " + q(f"{ROOT}/models/vae"), "--text-encoder " + q(f"{ROOT}/models/text_encoder")]
+    if config["train"]["eval_every"]:  # the in-training GenEval's detector (and CLIP for its colours)
+        args += ["--detector " + q(f"{ROOT}/models/detector"), "--clip " + q(f"{ROOT}/models/clip")]
     return " ".join(args)
 
 
