@@ -160,7 +160,31 @@ def stage_numbers(config: dict) -> list[int]:
     return sorted(int(name.removeprefix("stage")) for name in config["train"]["stages"])
 
 
+def released_checkpoints(config: dict) -> list[dict]:
+    """`evaluate.released` as full entries: tag (released-<name>), path (the file to load; a released
+    name's is <root>/models/released/<name>.pt, which its evaluation fetches when missing), name (the
+    released name, or None), model, resolution, pos_interp_scale."""
+    from microdit import paper
+
+    out = []
+    for entry in config["evaluate"]["released"]:
+        spec = {**paper.RELEASED_ARCHITECTURE, **({"path": entry} if isinstance(entry, str) else entry)}
+        name = spec["path"] if spec["path"] in paper.RELEASED_FILES else None
+        path = f"{config['root']}/models/released/{name}.pt" if name else spec["path"]
+        slug = re.sub(r"[^a-z0-9]+", "_", (name or Path(path).stem).lower()).strip("_")
+        out.append({**spec, "tag": f"released-{slug}", "path": path, "name": name})
+    return out
+
+
 def _check_eval_inputs(config: dict) -> None:
+    tags = set()
+    for i, spec in enumerate(released_checkpoints(config)):
+        if spec["name"] is None and not Path(spec["path"]).is_file():
+            raise ConfigError(f"config key 'evaluate.released.{i}': '{spec['path']}' is neither a released checkpoint "
+                              "name nor an existing file")
+        if spec["tag"] in tags:
+            raise ConfigError(f"config key 'evaluate.released.{i}': a second checkpoint named {spec['tag']!r}")
+        tags.add(spec["tag"])
     listed = config["evaluate"]["captions_file"]
     if listed and not Path(listed).is_file():
         raise ConfigError(f"config key 'evaluate.captions_file': '{listed}' does not exist (a caption list, one per "

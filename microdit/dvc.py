@@ -145,6 +145,8 @@ def _source_keys(job: Job, config: dict) -> list[str]:
 def _evaluate_reads(job: Job, config: dict) -> list[str]:
     tag = job.wildcards["tag"]
     keys = command_keys("evaluate")
+    if tag.startswith("released-"):  # a released checkpoint: its entry, whatever else changes
+        return keys + ["evaluate.released"]
     if tag == "stage0":  # the untrained baseline is built like the final stage's model
         final = f"stage{stage_numbers(config)[-1]}"
         return keys + ["train.model", "train.patch_mixer", "train.caption_channels", f"train.stages.{final}.resolution"]

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", type=Path, help="trained model directory (<root>/checkpoints/stageN/final)")
     which.add_argument("--untrained", action="store_true", help="a freshly initialised model (seeded by --seed): the baseline")
+    which.add_argument("--released", type=Path, help="a released checkpoint file (any layout microdit.checkpoint loads), "
+                       "built as --model at --resolution with --pos-interp-scale")
+    p.add_argument("--pos-interp-scale", type=float, default=1.0, help="position-embedding scale of the --released model")
     p.add_argument("--ema", action="store_true", help="sample from the EMA weights of --checkpoint")
     p.add_argument("--model", help="architecture of the --untrained model (train.model)")
     p.add_argument("--resolution", type=int, help="image resolution (px); required with --untrained, checked otherwise")
@@ -172,8 +175,17 @@ def summary_line(m: dict) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     # value ranges are the flags' own (microdit.settings); what remains relates flags to each other
-    if args.untrained and (args.resolution is None or args.model is None):
-        raise UserError("--untrained needs --model and --resolution (image px) to size the model")
+    if (args.untrained or args.released) and (args.resolution is None or args.model is None):
+        raise UserError(f"--{'untrained' if args.untrained else 'released'} needs --model and --resolution (image px) "
+                        "to size the model")
+    if args.released is not None and not args.released.is_file():
+        from microdit.paper import RELEASED_FILES
+
+        if args.released.stem not in RELEASED_FILES:
+            raise UserError(f"--released {args.released} does not exist")
+        from microdit.zoo.hub import fetch_released  # a released name: fetched once, beside the models
+
+        fetch_released(args.released.stem, args.released.parent)
     if args.ema and not args.checkpoint:
         raise UserError("--ema applies to --checkpoint only")
     if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
@@ -207,6 +219,23 @@ def load_model(args: argparse.Namespace, encoders, device: torch.device) -> tupl
             raise UserError(str(e)) from e
         checkpoint = f"untrained {args.model} (init seed {args.seed})"
         fingerprint = {"untrained": model.config, "seed": args.seed}
+    elif args.released is not None:
+        from microdit.checkpoint import CheckpointError, load_released_checkpoint
+        from microdit.models import build_model
+
+        if args.resolution % factor:
+            raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        try:
+            model = build_model(args.model, input_size=args.resolution // factor, caption_channels=text_dim,
+                                in_channels=int(vae_config.latent_channels), pos_interp_scale=args.pos_interp_scale)
+            load_released_checkpoint(model, args.released)
+        except (ValueError, CheckpointError) as e:
+            raise UserError(f"--released {args.released}: {e} (a released checkpoint needs the VAE and text encoder "
+                            "it was trained with: models.roles.vae / text_encoder)") from None
+        checkpoint = f"released {args.released.name}"
+        stat = args.released.stat()
+        fingerprint = {"released": str(args.released), "size": stat.st_size, "mtime": stat.st_mtime_ns,
+                       "model": model.config}
     else:
         from microdit.checkpoint import load_trained
 
@@ -223,7 +252,7 @@ def load_model(args: argparse.Namespace, encoders, device: torch.device) -> tupl
                         f"{vae_config.latent_channels}; pass the VAE it was trained with")
     resolution = model.input_size * factor
     if args.resolution is not None and args.resolution != resolution:
-        raise UserError(f"--resolution {args.resolution} but {args.checkpoint} generates {resolution} px images "
+        raise UserError(f"--resolution {args.resolution} but {args.checkpoint or args.released} generates {resolution} px images "
                         f"(latent {model.input_size} x VAE factor {factor})")
     info = {"name": model.config.get("architecture", type(model).__name__), "checkpoint": checkpoint,
             "params": sum(p.numel() for p in model.parameters()), "latent_size": model.input_size,

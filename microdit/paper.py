@@ -54,6 +54,18 @@ RESULTS: list[tuple[str, float, float]] = [
 ]
 
 
+# the released checkpoints: files under ckpts/ of the hub repo, the RESULTS row each reproduces, and
+# how they load (MicroDiT_XL_2 at 512 px, the position embedding interpolated by 2 from 256 px)
+RELEASED_REPO = "VSehwag24/MicroDiT"
+RELEASED_FILES = {
+    "dit_4_channel_22M_real_only_data": RESULTS[0][0],
+    "dit_4_channel_37M_real_and_synthetic_data": RESULTS[1][0],
+    "dit_16_channel_37M_real_and_synthetic_data": RESULTS[2][0],
+    "dit_4_channel_0.5B_synthetic_data": RESULTS[3][0],
+}
+RELEASED_ARCHITECTURE = dict(model=MODEL, resolution=512, pos_interp_scale=2.0)
+
+
 def schedule_text(stage: dict) -> str:
     """A stage's learning-rate schedule as the paper states it: '2.5K warmup, cosine to 0.33x'."""
     warmup = stage.get("warmup") or 0

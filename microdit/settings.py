@@ -269,10 +269,25 @@ class Train:
 
 
 @dataclass(kw_only=True)
+class Released:
+    """A released checkpoint to evaluate (`evaluate.released` entries that are mappings)."""
+    path: str = key(help="the checkpoint file (any layout microdit.checkpoint loads) or a released name",
+                    min_length=1)
+    model: Literal[MODEL_SIZES] = key(paper.RELEASED_ARCHITECTURE["model"], "its size")  # type: ignore[valid-type]
+    resolution: int = key(paper.RELEASED_ARCHITECTURE["resolution"], "the image px it generates", ge=16, multiple_of=16)
+    pos_interp_scale: float = key(paper.RELEASED_ARCHITECTURE["pos_interp_scale"], "its position-embedding scale",
+                                  gt=0)
+
+
+@dataclass(kw_only=True)
 class Evaluate:
     """`microdit evaluate`: FID, CLIP score and GenEval of trained stages."""
     stages: list[int] = key([], "stages evaluated besides the untrained baseline (stage0)", unique=True,
                             items_ge=1, flag=False, used="workflow: one evaluate job per stage")
+    released: list[str | Released] = key(
+        [], "released checkpoints evaluated beside ours, as tag released-<name>: a released name ("
+        + ", ".join(paper.RELEASED_FILES) + f"; fetched from {paper.RELEASED_REPO}), a checkpoint file, or a "
+        "mapping {path, model, resolution, pos_interp_scale}", flag=False, used="workflow: one evaluate job each")
     num_images: int = key(paper.FID_IMAGES, "images generated for FID and CLIP score", ge=2)
     steps: int = key(paper.SAMPLER["steps"], "Heun steps", ge=2)
     captions_file: str | None = key(None, "a fixed caption list for FID and CLIP score (one per line, or JSON lines "
@@ -436,8 +451,10 @@ def _type_schema(tp: Any, meta: dict) -> dict:
             out["propertyNames"] = {"pattern": meta["names"]}
         if dataclasses.is_dataclass(_args(tp)[1]) and meta.get("names"):
             out["minProperties"] = 1
-    elif _is_union(tp):
+    elif _is_union(tp) and all(a in _SCALARS for a in _args(tp)):
         out = {"type": [_SCALARS[a] for a in _args(tp)]}
+    elif _is_union(tp):  # e.g. a name or a mapping
+        out = {"anyOf": [_type_schema(a, dict(meta, help="")) for a in _args(tp)]}
     else:
         out = {"type": _SCALARS[tp]}
         bounds = (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum"), ("lt", "exclusiveMaximum"),

@@ -102,3 +102,28 @@ def test_values_a_yaml_1_2_writer_leaves_plain_are_read_back():
     assert config["caption"]["prompt"] == "2e5"  # a string where the schema wants one stays one
     with pytest.raises(ConfigError, match="resize_mode"):  # false where no enum value is "no" still fails
         resolve({"download": {"resize_mode": True}}, WORKFLOW)
+
+
+def test_released_checkpoints_become_evaluation_jobs(tmp_path):
+    from microdit.dvc import snakemake_jobs
+
+    ckpt = tmp_path / "My Release.pt"
+    ckpt.write_bytes(b"weights")
+    cfg = tmp_path / "released.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({"root": str(tmp_path / "data"), "results": str(tmp_path / "results"), "evaluate": {
+        "released": [{"path": str(ckpt), "model": "MicroDiT_Smoke_2", "resolution": 128, "pos_interp_scale": 1.0},
+                     "dit_4_channel_0.5B_synthetic_data"]}}))
+    jobs = {j.wildcards["tag"]: j for j in snakemake_jobs(REPO, cfg) if j.rule == "evaluate"}
+    assert {"released-my_release", "released-dit_4_channel_0_5b_synthetic_data"} <= set(jobs)
+    mine, named = jobs["released-my_release"], jobs["released-dit_4_channel_0_5b_synthetic_data"]
+    assert str(ckpt) in mine.input and "--model MicroDiT_Smoke_2 --resolution 128" in mine.shellcmd
+    assert "'" + str(ckpt) + "'" in mine.shellcmd  # quoted: the path has a space
+    # a released name: the paper's architecture, its file fetched by the job beside the models
+    assert "--model MicroDiT_XL_2 --resolution 512 --pos-interp-scale 2.0" in named.shellcmd
+    assert "models/released/dit_4_channel_0.5B_synthetic_data.pt" in named.shellcmd
+    with pytest.raises(ConfigError, match="evaluate.released.0"):
+        resolve({"evaluate": {"released": [str(tmp_path / "missing.pt")]}}, WORKFLOW)
+    with pytest.raises(ConfigError, match="a second checkpoint"):
+        resolve({"evaluate": {"released": [str(ckpt), str(ckpt)]}}, WORKFLOW)

@@ -85,7 +85,7 @@ def cli_args(world: Path, out: Path, *extra: str) -> argparse.Namespace:
             "--geneval-images-per-prompt", "1", "--num-images", str(N_IMAGES), "--steps", "2", "--guidance", "2.0",
             "--seed", "0", "--batch-size", "4", "--out", str(out), "--cache", str(world / "eval_cache"),
             "--device", "cpu", *extra]
-    if "--checkpoint" not in extra:
+    if "--checkpoint" not in extra and "--released" not in extra:
         argv += ["--untrained", "--model", "MicroDiT_Smoke_2", "--resolution", str(RES)]
     return parser.parse_args(argv)
 
@@ -248,6 +248,38 @@ def test_checkpoint_directory_gives_the_untrained_models_images(world, first_run
         ev.run(cli_args(world, tmp_path / "ema", "--checkpoint", str(ckpt), "--ema", "--num-images", "2"))
     with pytest.raises(UserError, match="--resolution 32"):
         ev.run(cli_args(world, tmp_path / "res", "--checkpoint", str(ckpt), "--resolution", "32"))
+
+
+def test_a_released_checkpoint_in_the_official_layout_samples_what_its_weights_do(world, first_run, tmp_path):
+    """The official release is the whole pipeline's state dict (keys `dit.*` beside the VAE's and the
+    text encoder's): loaded with --released it samples the images of the same weights as a model."""
+    from microdit.models import build_model
+
+    torch.manual_seed(0)  # the untrained model of first_run
+    model = build_model("MicroDiT_Smoke_2", input_size=RES // 2, caption_channels=16, in_channels=4)
+    official = {f"dit.{k}": v for k, v in model.state_dict().items()}
+    official.update({"vae.decoder.conv_in.weight": torch.zeros(2, 2), "text_encoder.proj": torch.zeros(3)})
+    release = tmp_path / "dit_4_channel_tiny_test.pt"
+    torch.save(official, release)
+    out = tmp_path / "released"
+    args = cli_args(world, out, "--released", str(release), "--model", "MicroDiT_Smoke_2", "--resolution", str(RES),
+                    "--geneval-prompts", "none", "--num-images", "4")
+    args.tag = "released-dit_4_channel_tiny_test"
+    assert ev.run(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["checkpoint"] == f"released {release.name}"
+    for i in range(4):
+        a = np.asarray(Image.open(out / "images" / "fid" / f"{i:06d}.png")).astype(int)
+        b = np.asarray(Image.open(first_run / "images" / "fid" / f"{i:06d}.png")).astype(int)
+        assert np.abs(a - b).max() <= 1
+    # a checkpoint that is not this architecture: one line naming the key and the way out
+    torch.save({f"dit.{k}": v for k, v in list(model.state_dict().items())[1:]}, tmp_path / "cut.pt")
+    with pytest.raises(UserError, match="cut.pt.*VAE and text encoder it was trained with"):
+        ev.run(cli_args(world, tmp_path / "cut", "--released", str(tmp_path / "cut.pt"), "--model", "MicroDiT_Smoke_2",
+                        "--resolution", str(RES), "--geneval-prompts", "none", "--num-images", "2"))
+    with pytest.raises(UserError, match="does not exist"):
+        ev.run(cli_args(world, tmp_path / "none", "--released", str(tmp_path / "nothing.pt"), "--model",
+                        "MicroDiT_Smoke_2", "--resolution", str(RES)))
 
 
 def test_changed_settings_clear_the_old_images(world, first_run, tmp_path):

@@ -29,14 +29,15 @@ WORKFLOW = REPO / "workflow"
 # job is (its source, stage or tag), values the workflow derives, and debugging aids.
 CONTEXT = {
     "world": {"out", "count"},
-    "models": {"out", "preset", "source", "roles", "ids", "local", "link", "force", "captions", "images"},
+    "models": {"out", "preset", "source", "roles", "ids", "local", "link", "force", "captions", "images", "released"},
     "download": {"source", "kind", "input", "out", "opt"},
     "caption": {"raw", "out", "model", "min_size", "max_images"},
     "mds": {"raw", "out", "captions", "caption_field", "workers"},
     "latents": {"mds", "out", "vae", "text_encoder", "image_column", "caption_column"},
     "train": {"out", "latents", "weights", "init", "vae", "text_encoder", "detector", "clip", "stage", "pos_interp_scale",
               "sample_prompts_file", "sample_seed", "max_steps_this_run", "clean_shm"},
-    "evaluate": {"tag", "checkpoint", "untrained", "ema", "model", "resolution", "caption_channels", "patch_mixer",
+    "evaluate": {"tag", "checkpoint", "untrained", "released", "pos_interp_scale", "ema", "model", "resolution",
+                 "caption_channels", "patch_mixer",
                  "eval_mds", "vae", "text_encoder", "clip", "fid", "detector", "out", "cache"},
     "cost": {"root", "results", "config", "out"},
 }

@@ -28,6 +28,22 @@ SMALL = {
 }
 
 
+def release_checkpoint(folder: Path) -> dict:
+    """A checkpoint in the official release's layout (the whole pipeline's state dict, the DiT's keys
+    under `dit.`) for the smoke models: a smoke-size MicroDiT at 128 px over the 4-channel tiny VAE
+    and the 64-d tiny text encoder; the evaluate.released entry that names it."""
+    import torch
+
+    from microdit.models import build_model
+
+    torch.manual_seed(1)
+    model = build_model("MicroDiT_Smoke_2", input_size=16, in_channels=4, caption_channels=64)
+    folder.mkdir(parents=True)
+    path = folder / "dit_smoke_release.pt"
+    torch.save({**{f"dit.{k}": v for k, v in model.state_dict().items()}, "vae.scale": torch.ones(1)}, path)
+    return {"path": str(path), "model": "MicroDiT_Smoke_2", "resolution": 128, "pos_interp_scale": 1.0}
+
+
 def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
@@ -39,7 +55,8 @@ def snakemake(workdir: Path, *args: str, timeout: int = 1500) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def data_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
-    (work / "test-config.yaml").write_text(yaml.safe_dump(SMALL))
+    config = {**SMALL, "evaluate": {**SMALL["evaluate"], "released": [release_checkpoint(work / "release")]}}
+    (work / "test-config.yaml").write_text(yaml.safe_dump(config))
     r = snakemake(work)
     assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
     return work
@@ -109,6 +126,14 @@ def test_evaluation_cost_and_report(data_run):
     for section in ("summary", "dag", "data", "training", "samples", "evaluation", "cost", "raw"):
         assert f'id="{section}"' in html
     assert "http://" not in html and "https://" not in html
+
+
+def test_a_released_checkpoint_is_evaluated_beside_the_stages(data_run):
+    m = json.loads((data_run / "results/eval/released-dit_smoke_release/metrics.json").read_text())
+    assert m["checkpoint"] == "released dit_smoke_release.pt" and np.isfinite(m["fid"]["value"])
+    assert set(m["geneval"]["tasks"]) >= {"single_object", "colors"}
+    html = (data_run / "results/report.html").read_text()
+    assert "released dit_smoke_release, evaluated here" in html
 
 
 def test_report_in_a_real_browser(data_run):

@@ -123,7 +123,7 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
                         **{t: task_acc.get(t) if is_num(task_acc.get(t)) else None for t in tasks}}
         s = m.get("settings") or {}
         rows.append({
-            "name": tag + (" (untrained)" if tag == "stage0" else ""), "paper": False,
+            "name": _row_name(tag), "paper": False,
             "fid": _cell(fid.get("value"), bool(fid.get("comparable")), fid.get("interval")),
             "fid_256": _cell(fid256.get("value"), bool(fid256.get("comparable")), fid256.get("interval")),
             "clip": _cell(clip.get("value"), bool(clip.get("comparable")), clip.get("interval")),
@@ -160,6 +160,22 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
             "sweep": sweeps, "sweep_plot": sweep_plot(sweeps),
             "plot": geneval_plot(compare_tags, tasks, geneval) if tasks else None,
             "geneval": geneval}
+
+
+def _row_name(tag: str) -> str:
+    """stage0 (untrained), stage4, or a released checkpoint evaluated here, by the paper's label."""
+    import re
+
+    from microdit.paper import RELEASED_FILES
+
+    if tag == "stage0":
+        return "stage0 (untrained)"
+    if tag.startswith("released-"):
+        slug = tag.removeprefix("released-")
+        label = next((label for name, label in RELEASED_FILES.items()
+                      if re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") == slug), slug)
+        return f"released {label}, evaluated here"
+    return tag
 
 
 def _interval_note(*records: dict) -> str:

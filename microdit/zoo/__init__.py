@@ -72,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="take ROLE from a local HF dir (or OpenCLIP dir / Inception .pt) (repeatable)")
     p.add_argument("--link", action="store_true", help="symlink --local files instead of copying them")
     p.add_argument("--force", action="store_true", help="rebuild roles already materialised")
+    p.add_argument("--released", nargs="+", metavar="NAME", default=[],
+                   help="instead: fetch these released MicroDiT checkpoints into <out>/released/NAME.pt")
     g = p.add_argument_group("built (smoke) models")
     g.add_argument("--captions", nargs="+", action="extend", default=[],
                    help="world parquet files (caption column) or .txt files, for the tokenizer")
@@ -111,6 +113,12 @@ def _materialise(role: str, src: Source, dest: Path, args: argparse.Namespace, i
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.released:  # only the named released checkpoints, into <out>/released/
+        from microdit.zoo.hub import fetch_released
+
+        for name in args.released:
+            print(f"models: released checkpoint {name} -> {fetch_released(name, out / 'released')}")
+        return 0
     if args.preset and args.source and args.preset != {"build": "smoke", "hub": "paper"}[args.source]:
         raise UserError(f"--preset {args.preset} contradicts --source {args.source}")
     args.preset = args.preset or {"build": "smoke", "hub": "paper", None: "smoke"}[args.source]

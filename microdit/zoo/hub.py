@@ -100,3 +100,29 @@ def cleanfid_dir(dest: Path, origin: str) -> dict:
     write_json(dest / "config.json", config)
     return {"origin": origin, "kind": config["kind"], "feature_dim": 2048, "comparable": True,
             "sha256": sha256_file(dest / CLEANFID_WEIGHTS)}
+
+
+def fetch_released(name: str, dest_dir: Path) -> Path:
+    """The paper's released checkpoint `name` (microdit.paper.RELEASED_FILES) as <dest_dir>/<name>.pt."""
+    from microdit.io import atomic_path
+    from microdit.paper import RELEASED_FILES, RELEASED_REPO
+
+    if name not in RELEASED_FILES:
+        raise UserError(f"--released {name}: not a released checkpoint (known: {', '.join(RELEASED_FILES)})")
+    dest = Path(dest_dir) / f"{name}.pt"
+    if dest.is_file():
+        return dest
+    if hub_offline():
+        raise UserError(f"--released {name}: HF_HUB_OFFLINE=1 and no {dest}; put the file there, or give "
+                        "evaluate.released the checkpoint's path")
+    from huggingface_hub import hf_hub_download
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        got = hf_hub_download(RELEASED_REPO, f"ckpts/{name}.pt", local_dir=dest.parent / ".download")
+    except Exception as e:  # network, auth, a renamed file: one line with the way out
+        raise UserError(f"--released {name}: could not fetch it from {RELEASED_REPO} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); download it by hand to {dest}") from e
+    with atomic_path(dest) as tmp:
+        Path(got).replace(tmp)
+    return dest

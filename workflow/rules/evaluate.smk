@@ -1,7 +1,10 @@
-# Evaluation phase: FID, CLIP score and GenEval for the untrained model (stage0, the baseline) and
-# the checkpoints named in `evaluate.stages`; the stages with EMA are evaluated from their EMA weights.
+# Evaluation phase: FID, CLIP score and GenEval for the untrained model (stage0, the baseline), the
+# checkpoints named in `evaluate.stages` (from their EMA weights where the stage kept one) and the
+# released checkpoints in `evaluate.released` (tag released-<name>), all the same way.
+from microdit.config import released_checkpoints as _released_checkpoints
 
-EVAL_TAGS = ["stage0"] + [f"stage{s}" for s in sorted(config["evaluate"]["stages"])]
+RELEASED = {spec["tag"]: spec for spec in _released_checkpoints(config)}
+EVAL_TAGS = ["stage0"] + [f"stage{s}" for s in sorted(config["evaluate"]["stages"])] + list(RELEASED)
 
 wildcard_constraints:
     tag=constraint("tag", "|".join(EVAL_TAGS)),
@@ -18,7 +21,10 @@ def evaluate_inputs(wildcards):
         "eval_mds": f"{ROOT}/mds/{eval_source()}/_summary.json",
         "models": [model_info(role) for role in ("vae", "text_encoder", "clip", "fid", "detector")],
     }
-    if wildcards.tag != "stage0":
+    if wildcards.tag in RELEASED:  # a file given by path (a released name is fetched by the job itself)
+        if RELEASED[wildcards.tag]["name"] is None:
+            inputs["checkpoint"] = RELEASED[wildcards.tag]["path"]
+    elif wildcards.tag != "stage0":
         inputs["checkpoint"] = f"{ROOT}/checkpoints/{wildcards.tag}/summary.json"
     if config["evaluate"]["captions_file"]:  # a fixed caption list: a changed file reruns the evaluation
         inputs["captions"] = config["evaluate"]["captions_file"]
@@ -31,6 +37,10 @@ def evaluate_args(wildcards):
     if wildcards.tag == "stage0":  # the untrained baseline: built like the final stage's model
         what = (f"--untrained --model {q(t['model'])} --resolution {t['stages'][f'stage{FINAL_STAGE}']['resolution']} "
                 + SETTINGS.flags("train", {k: t[k] for k in ("caption_channels", "patch_mixer")}))
+    elif wildcards.tag in RELEASED:
+        r = RELEASED[wildcards.tag]
+        what = (f"--released {q(r['path'])} --model {q(r['model'])} --resolution {r['resolution']}"
+                f" --pos-interp-scale {r['pos_interp_scale']}")
     else:
         ema = t["stages"][wildcards.tag]["ema"]
         what = f"--checkpoint {q(f'{ROOT}/checkpoints/{wildcards.tag}/final')}" + (" --ema" if ema else "")
@@ -66,3 +76,4 @@ rule evaluate:
     shell:
         "{params.launch} evaluate --tag {wildcards.tag} {params.args} --out {RESULTS:q}/eval/{wildcards.tag}"
         " > {log:q} 2>&1"
+
