@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from microdit.io import atomic_path
-from microdit.training.log import image_grid, sample_prompts
+from microdit.training.log import MetricsLog, image_grid, sample_prompts
 
 EVALS_DIR, EVALS_FILE = "evals", "evals.jsonl"
 NOTE = "small-n in-training GenEval (one image per prompt): a trend within this run, not comparable"
@@ -42,19 +42,9 @@ def forget_after(out: Path, step: int) -> None:
     path = out / EVALS_FILE
     if not path.is_file():
         return
-    rows = [r for r in _rows(path) if r.get("step", 0) <= step]
+    rows = [r for r in MetricsLog.read(path) if r.get("step", 0) <= step]  # a row cut short by a kill goes too
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a row cut short by a kill
-            continue
-    return rows
 
 
 def load_tools(args, device: torch.device) -> Tools:
