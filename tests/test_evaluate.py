@@ -133,8 +133,10 @@ def test_every_metric_has_its_bootstrap_interval(first_run):
         interval = record["interval"]
         low, high = interval["interval"]
         assert interval["level"] == 0.95 and interval["draws"] == 1000 and low <= high
-    # GenEval and CLIP intervals hold their point estimate (FID's bootstrap is biased upwards)
-    assert m["clip_score"]["interval"]["interval"][0] <= m["clip_score"]["value"] <= m["clip_score"]["interval"]["interval"][1]
+    # each interval holds its estimate (FID's: centred on it, the resamples' upward bias removed)
+    for record in (m["fid"], m["fid_256"], m["clip_score"]):
+        assert record["interval"]["interval"][0] <= record["value"] <= record["interval"]["interval"][1]
+    assert m["fid"]["interval"]["bias"] >= 0
     ge = m["geneval"]
     assert ge["interval"]["interval"][0] <= ge["overall"] <= ge["interval"]["interval"][1]
     assert set(ge["interval"]["tasks"]) == set(ge["tasks"])

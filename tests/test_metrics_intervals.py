@@ -20,6 +20,9 @@ def test_fid_draws_equal_the_frechet_distance_of_each_resample(n, d):
     record = intervals.bootstrap_fid(feats, mu, sigma, draws=200, seed=0)
     low, high = record["interval"]
     assert low < high and record["draws"] == 200 and record["level"] == 0.95
+    # centred on the estimate: the resamples sit above it, by the recorded bias
+    estimate = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    assert low <= estimate <= high and record["bias"] > 0
     assert record == intervals.bootstrap_fid(feats, mu, sigma, draws=200, seed=0)  # seeded
 
 

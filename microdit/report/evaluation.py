@@ -184,7 +184,7 @@ def _interval_note(*records: dict) -> str:
         interval = (r or {}).get("interval")
         if isinstance(interval, dict) and interval.get("draws"):
             return (f"[low, high]: {interval.get('level', 0.95):.0%} bootstrap intervals, {interval['draws']} draws "
-                    "(FID over generated images, CLIP over pairs, GenEval over prompts)")
+                    "(FID over generated images, centred on the value; CLIP over pairs; GenEval over prompts)")
     return ""
 
 
