@@ -171,8 +171,7 @@ def released_checkpoints(config: dict) -> list[dict]:
         spec = {**paper.RELEASED_ARCHITECTURE, **({"path": entry} if isinstance(entry, str) else entry)}
         name = spec["path"] if spec["path"] in paper.RELEASED_FILES else None
         path = f"{config['root']}/models/released/{name}.pt" if name else spec["path"]
-        slug = re.sub(r"[^a-z0-9]+", "_", (name or Path(path).stem).lower()).strip("_")
-        out.append({**spec, "tag": f"released-{slug}", "path": path, "name": name})
+        out.append({**spec, "tag": settings.released_tag(name or Path(path).stem), "path": path, "name": name})
     return out
 
 
@@ -290,6 +289,19 @@ def command_line_config(entries: Iterable[str]) -> dict:
     return config
 
 
+def completed(merged: dict) -> dict:
+    """A preset merged with the user's keys, without the entries set to null and with every default.
+
+    `sources` and `train.stages` merge entry by entry, so a source or a stage the user sets to null
+    is removed (a two-stage run drops the preset's stage3 and stage4)."""
+    merged = dict(merged)
+    merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
+    stages = merged.get("train", {}).get("stages")
+    if isinstance(stages, dict):
+        merged["train"] = {**merged["train"], "stages": {k: v for k, v in stages.items() if v is not None}}
+    return settings.with_defaults(merged)
+
+
 def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[str] = ()) -> dict:
     """Merge preset + user keys (+ `--config` entries, typed), expand `{root}`, validate.
     Returns a new dict."""
@@ -303,12 +315,7 @@ def resolve(user_config: dict, workflow_dir: str | Path, command_line: Iterable[
     schema = settings.json_schema()
     merged = _yaml11_fixes(deep_merge(load_yaml(preset_file), user_config), schema, schema)
     merged["preset"] = preset
-    # `sources` is replaced whole only where the user names a source; a source set to null is removed
-    merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
-    stages = merged.get("train", {}).get("stages")  # likewise a stage (a two-stage run drops stage3, stage4)
-    if isinstance(stages, dict):
-        merged["train"]["stages"] = {k: v for k, v in stages.items() if v is not None}
-    merged = settings.with_defaults(merged)
+    merged = completed(merged)
     validate(merged, schema)
     merged = _expand(merged, {"root": str(merged["root"]), "results": str(merged["results"])})
     _check_model_paths(merged)

@@ -35,9 +35,9 @@ from typing import Any, Callable
 
 import yaml
 
-from microdit.config import stage_numbers
+from microdit.config import completed, stage_numbers
 from microdit.errors import UserError
-from microdit.settings import command_keys, with_defaults
+from microdit.settings import command_keys
 
 PARAMS_FILE = "params.yaml"
 DVC_FILE = "dvc.yaml"
@@ -319,11 +319,7 @@ def preset_params(repo: Path, preset: str) -> dict:
     except ConfigError as e:
         raise UserError(f"config error: {e}") from None
     merged = deep_merge(load_yaml(repo / "workflow" / "presets" / f"{preset}.yaml"), user)
-    merged["sources"] = {k: v for k, v in merged.get("sources", {}).items() if v is not None}
-    stages = merged.get("train", {}).get("stages")
-    if isinstance(stages, dict):
-        merged["train"]["stages"] = {k: v for k, v in stages.items() if v is not None}
-    merged = with_defaults(merged)  # every key DVC may list as a stage's param is in the file
+    merged = completed(merged)  # every key DVC may list as a stage's param is in the file
     return {"preset": preset, **{k: v for k, v in merged.items() if k != "preset"}}
 
 

@@ -181,11 +181,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.released is not None and not args.released.is_file():
         from microdit.paper import RELEASED_FILES
 
-        if args.released.stem not in RELEASED_FILES:
+        if args.released.stem not in RELEASED_FILES:  # a released name's file is fetched by load_model
             raise UserError(f"--released {args.released} does not exist")
-        from microdit.zoo.hub import fetch_released  # a released name: fetched once, beside the models
-
-        fetch_released(args.released.stem, args.released.parent)
     if args.ema and not args.checkpoint:
         raise UserError("--ema applies to --checkpoint only")
     if args.checkpoint is not None and not (args.checkpoint / "config.json").is_file():
@@ -225,6 +222,10 @@ def load_model(args: argparse.Namespace, encoders, device: torch.device) -> tupl
 
         if args.resolution % factor:
             raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        if not args.released.is_file():  # a released name: fetched once, beside the models
+            from microdit.zoo.hub import fetch_released
+
+            fetch_released(args.released.stem, args.released.parent)
         try:
             model = build_model(args.model, input_size=args.resolution // factor, caption_channels=text_dim,
                                 in_channels=int(vae_config.latent_channels), pos_interp_scale=args.pos_interp_scale)

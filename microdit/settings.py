@@ -279,6 +279,11 @@ class Released:
                                   gt=0)
 
 
+def released_tag(name: str) -> str:
+    """The evaluation tag of a released checkpoint (a released name or a file's stem): released-<slug>."""
+    return "released-" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 @dataclass(kw_only=True)
 class Evaluate:
     """`microdit evaluate`: FID, CLIP score and GenEval of trained stages."""
@@ -531,7 +536,7 @@ def _checked(kind: type, meta: dict, name: str):
         value = kind(text)
         for k, op, ok in (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
                           ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)):
-            bound = meta.get(k if kind is not list else f"items_{k}")
+            bound = meta.get(k)
             if bound is not None and not ok(value, bound):
                 raise argparse.ArgumentTypeError(f"{text} is out of range: {flag_name(name)} takes {op} {bound}")
         if meta.get("pattern") and not re.fullmatch(meta["pattern"], text):

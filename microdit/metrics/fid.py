@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from microdit.io import atomic_path, sha256_file
+from microdit.metrics.linalg import trace_sqrt
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 NOT_COMPARABLE = "untrained feature extractor: not comparable to published FIDs"
@@ -187,12 +188,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, features1: np.ndarray | None = No
         w, v = np.linalg.eigh(sigma1)
         root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
         inner = root @ sigma2 @ root
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    # Eigenvalues that are zero in exact arithmetic (rank-deficient S1, or S1 = S2) come out as
-    # rounding noise of either sign, ~1e-16 x the largest; the square root would blow that up to
-    # ~1e-8 (which BLAS build decides), so everything below the solver's precision counts as zero.
-    eig = np.where(eig > eig.max(initial=0.0) * len(eig) * np.finfo(eig.dtype).eps, eig, 0.0)
-    trace_root = np.sqrt(eig).sum()
+    trace_root = trace_sqrt(inner)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 
@@ -292,13 +288,12 @@ def fid(
     extractor: FeatureExtractor,
     batch_size: int = 32,
     num_workers: int = 0,
-    bootstrap: int = 0,
     seed: int = 0,
 ) -> dict:
-    """FID of a folder or list of generated images against `reference_stats` output.
+    """FID (and KID, drawn with `seed`) of a folder or list of generated images against
+    `reference_stats` output; `features` are the generated images' (for intervals).
 
-    Generated images go through the same resolution and extractor as the reference. With
-    `bootstrap` draws, `interval` is the 95% bootstrap interval over the generated images.
+    Generated images go through the same resolution and extractor as the reference.
     """
     if ref["fingerprint"] != extractor.fingerprint:
         raise ValueError(f"reference {ref['name']!r} was made with another feature extractor; rebuild it")
@@ -316,11 +311,7 @@ def fid(
         "skipped_generated": skipped,
         "skipped_reference": ref["skipped"],
     }
-    if bootstrap:
-        from microdit.metrics.intervals import bootstrap_fid
-
-        result["interval"] = bootstrap_fid(feats, ref["mu"], ref["sigma"], bootstrap, seed,
-                                           device="cuda" if torch.cuda.is_available() else "cpu")
+    result["features"] = feats
     if not extractor.comparable:
         result["note"] = NOT_COMPARABLE
     return result

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from microdit.metrics.linalg import trace_sqrt
+
 LEVEL = 0.95
 
 
@@ -83,12 +85,6 @@ def bootstrap_fid(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarra
     return record
 
 
-def _trace_sqrt(inner: np.ndarray) -> float:
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    eig = np.where(eig > eig.max(initial=0.0) * len(eig) * np.finfo(eig.dtype).eps, eig, 0.0)
-    return float(np.sqrt(eig).sum())
-
-
 def _fid_draws_small(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray, picks: np.ndarray) -> np.ndarray:
     """A resample F_b = P F has S_b = F^T M^T M F with M = (I - 11^T/n) P / sqrt(n - 1), so
     tr(S_b) = tr(M K M^T) and the eigenvalues of S_b S_ref are those of M G M^T (n x n), with
@@ -101,7 +97,7 @@ def _fid_draws_small(feats: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarra
         select = np.eye(n)[pick]  # F_b = select @ F
         m = (select - select.mean(0)) / np.sqrt(n - 1)
         diff = feats[pick].mean(0) - ref_mu
-        out[b] = diff @ diff + np.trace(m @ gram @ m.T) + trace_ref - 2 * _trace_sqrt(m @ inner @ m.T)
+        out[b] = diff @ diff + np.trace(m @ gram @ m.T) + trace_ref - 2 * trace_sqrt(m @ inner @ m.T)
     return out
 
 

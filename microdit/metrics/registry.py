@@ -65,6 +65,7 @@ def model_origin(model_dir: Path) -> dict:
 def score_fid(s: Scoring) -> dict[str, dict | None]:
     """FID at the generation resolution, and at 256 px when asked (the same numbers when they coincide)."""
     from microdit.metrics import fid as fidlib
+    from microdit.metrics.intervals import bootstrap_fid
 
     args = s.args
     extractor = fidlib.load_extractor(args.fid, s.device)
@@ -72,8 +73,10 @@ def score_fid(s: Scoring) -> dict[str, dict | None]:
     for res in sorted({s.resolution, 256} if args.fid_256 else {s.resolution}):
         ref = fidlib.reference_stats(s.real_dir, s.real_dir.name, extractor, args.cache / "fid_stats", res,
                                      args.batch_size, args.workers)
-        raw = fidlib.fid(s.images[CAPTIONS].folder, ref, extractor, args.batch_size, args.workers,
-                         bootstrap=args.bootstrap, seed=args.seed)
+        raw = fidlib.fid(s.images[CAPTIONS].folder, ref, extractor, args.batch_size, args.workers, seed=args.seed)
+        if args.bootstrap:
+            raw["interval"] = bootstrap_fid(raw["features"], ref["mu"], ref["sigma"], args.bootstrap, args.seed,
+                                            device=str(s.device))
         results[res] = fid_record(raw, args.eval_mds.name)
         kid[res] = raw.get("kid")
     return {"fid": results[s.resolution], "fid_256": results[256] if args.fid_256 else None,

@@ -164,16 +164,14 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
 
 def _row_name(tag: str) -> str:
     """stage0 (untrained), stage4, or a released checkpoint evaluated here, by the paper's label."""
-    import re
-
     from microdit.paper import RELEASED_FILES
+    from microdit.settings import released_tag
 
     if tag == "stage0":
         return "stage0 (untrained)"
     if tag.startswith("released-"):
-        slug = tag.removeprefix("released-")
-        label = next((label for name, label in RELEASED_FILES.items()
-                      if re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") == slug), slug)
+        label = next((label for name, label in RELEASED_FILES.items() if released_tag(name) == tag),
+                     tag.removeprefix("released-"))
         return f"released {label}, evaluated here"
     return tag
 
