@@ -450,3 +450,29 @@ def test_in_training_evaluation_is_plotted_over_the_stages(tmp_path):
     (root / "checkpoints" / "stage2" / "evals.jsonl").unlink()
     build_report(results, root, out, config_path=tmp_path / "none.json")
     assert 'id="in-training-eval"' not in out.read_text()
+
+
+def test_first_screen_says_in_one_line_what_the_run_shows(tmp_path):
+    results, root = tmp_path / "results", tmp_path / "data"
+    write_json(root / "checkpoints" / "stage4" / "summary.json", {"stage": 4, "params": 2_983_984})
+
+    def write(tag, overall, interval, single, single_interval):
+        write_json(results / "eval" / tag / "metrics.json", {"tag": tag, "geneval": {
+            "overall": overall, "tasks": {"single_object": single, "colors": 0.0}, "detector": "shapes-detector",
+            "n_prompts": 40, "images_per_prompt": 4, "interval": {
+                "interval": interval, "draws": 100,
+                "tasks": {"single_object": single_interval, "colors": [0.0, 0.05]}}}})
+
+    write("stage0", 0.0, [0.0, 0.0], 0.0, [0.0, 0.0])
+    write("stage4", 0.43, [0.31, 0.52], 0.86, [0.8, 0.91])
+    out = results / "report.html"
+    build_report(results, root, out)
+    line = re.search(r'id="headline">(.*?)</p>', out.read_text(), re.S)[1]
+    assert line.startswith("The trained 3.0M model (stage4) follows single object prompts (shapes-GenEval, 160 images)")
+    assert "single object 0.86 [0.80, 0.91] vs 0.00 untrained" in line and "overall 0.43 [0.31, 0.52]" in line
+    assert "colors" not in line.split(":")[0]  # colours did not beat the untrained model: not claimed
+    # a trained model whose intervals reach the untrained one's is not said to follow anything
+    write("stage4", 0.04, [0.0, 0.12], 0.25, [0.0, 0.5])
+    build_report(results, root, out)
+    line = re.search(r'id="headline">(.*?)</p>', out.read_text(), re.S)[1]
+    assert "does not yet follow its prompts measurably" in line and "intervals overlap" in line

@@ -22,7 +22,7 @@ from microdit.report.common import Problems, load_json, stage_numbers
 from microdit.report.cost import cost_section, read_benchmarks
 from microdit.report.dag import dag_section, layout_dag, parse_dot
 from microdit.report.data import data_section
-from microdit.report.evaluation import evaluated_tags, evaluation_section, samples_section
+from microdit.report.evaluation import evaluated_tags, evaluation_section, headline, samples_section
 from microdit.report.render import render
 from microdit.report.summary import summary_section
 from microdit.report.training import training_section
@@ -72,6 +72,7 @@ def build_report(results: Path, root: Path, out: Path, config_path: Path | None 
         "summary": summary_section(config, training["stages"]),
         "paper_results": PAPER_RESULTS,
     }
+    context["headline"] = headline(context["evaluation"], training["stages"])
     if strict and problems:
         raise UserError(f"{len(problems)} input problem(s), first: {problems[0]}")
     context["problems"] = list(problems)

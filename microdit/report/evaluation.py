@@ -120,6 +120,10 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
         task_acc = ge.get("tasks") or {}
         geneval[tag] = {"overall": ge.get("overall") if is_num(ge.get("overall")) else None,
                         "interval": _cell(None, None, ge.get("interval"))["interval"],
+                        "intervals": {t: _cell(None, None, ((ge.get("interval") or {}).get("tasks") or {}).get(t))
+                                      ["interval"] for t in tasks},
+                        "detector": ge.get("detector"),
+                        "images": ge["n_prompts"] * ge["images_per_prompt"] if is_num(ge.get("n_prompts")) and is_num(ge.get("images_per_prompt")) else None,
                         **{t: task_acc.get(t) if is_num(task_acc.get(t)) else None for t in tasks}}
         s = m.get("settings") or {}
         rows.append({
@@ -160,6 +164,41 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
             "sweep": sweeps, "sweep_plot": sweep_plot(sweeps),
             "plot": geneval_plot(compare_tags, tasks, geneval) if tasks else None,
             "geneval": geneval}
+
+
+def headline(evaluation: dict | None, stages: list[dict]) -> str | None:
+    """One line on what the run shows: which GenEval tasks the last trained checkpoint does measurably
+    better than the untrained model (95% intervals apart), with the numbers; or that it does not yet."""
+    if not evaluation or not evaluation.get("compare"):
+        return None
+    geneval, last = evaluation["geneval"], evaluation["compare"]["last"]
+    trained, untrained = geneval[last], geneval["stage0"]
+    params = next((s["summary"].get("params") for s in reversed(stages) if is_num(s["summary"].get("params"))), None)
+    who = f"trained {params / 1e6:.1f}M model ({last})" if params else f"trained model ({last})"
+
+    def figure_of(task: str) -> str:
+        value, interval = (trained["overall"], trained["interval"]) if task == "overall" else (
+            trained.get(task), trained["intervals"].get(task))
+        base = untrained["overall"] if task == "overall" else untrained.get(task)
+        ci = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
+        return f"{task.replace('_', ' ')} {value:.2f}{ci} vs {base:.2f} untrained"
+
+    def apart(task: str) -> bool:
+        a = untrained["interval"] if task == "overall" else untrained["intervals"].get(task)
+        b = trained["interval"] if task == "overall" else trained["intervals"].get(task)
+        return bool(a and b) and b[0] > a[1]
+
+    tasks = [t for t in evaluation["tasks"] if is_num(trained.get(t)) and is_num(untrained.get(t))]
+    followed = [t for t in tasks if apart(t)]
+    name = "shapes-GenEval" if "shapes" in str(trained.get("detector") or "") else "GenEval"
+    n = f" ({name}, {trained['images']} images)" if trained.get("images") else f" ({name})"
+    if not is_num(trained["overall"]) or not is_num(untrained["overall"]):
+        return None
+    if not followed:
+        return (f"The {who} does not yet follow its prompts measurably{n}: "
+                f"{figure_of('overall')}, 95% intervals overlap.")
+    names = ", ".join(t.replace("_", " ") for t in followed)
+    return f"The {who} follows {names} prompts{n}: " + "; ".join(figure_of(t) for t in [*followed, "overall"]) + "."
 
 
 def _row_name(tag: str) -> str:
