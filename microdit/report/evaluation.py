@@ -120,8 +120,9 @@ def evaluation_section(results: Path, tags: list[str], problems: Problems) -> di
         task_acc = ge.get("tasks") or {}
         geneval[tag] = {"overall": ge.get("overall") if is_num(ge.get("overall")) else None,
                         "interval": _cell(None, None, ge.get("interval"))["interval"],
-                        "intervals": {t: _cell(None, None, ((ge.get("interval") or {}).get("tasks") or {}).get(t))
-                                      ["interval"] for t in tasks},
+                        "intervals": {"overall": _cell(None, None, ge.get("interval"))["interval"],
+                                      **{t: _cell(None, None, ((ge.get("interval") or {}).get("tasks") or {}).get(t))
+                                         ["interval"] for t in tasks}},
                         "detector": ge.get("detector"),
                         "images": ge["n_prompts"] * ge["images_per_prompt"] if is_num(ge.get("n_prompts")) and is_num(ge.get("images_per_prompt")) else None,
                         **{t: task_acc.get(t) if is_num(task_acc.get(t)) else None for t in tasks}}
@@ -177,15 +178,12 @@ def headline(evaluation: dict | None, stages: list[dict]) -> str | None:
     who = f"trained {params / 1e6:.1f}M model ({last})" if params else f"trained model ({last})"
 
     def figure_of(task: str) -> str:
-        value, interval = (trained["overall"], trained["interval"]) if task == "overall" else (
-            trained.get(task), trained["intervals"].get(task))
-        base = untrained["overall"] if task == "overall" else untrained.get(task)
+        value, interval, base = trained.get(task), trained["intervals"].get(task), untrained.get(task)
         ci = f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else ""
         return f"{task.replace('_', ' ')} {value:.2f}{ci} vs {base:.2f} untrained"
 
     def apart(task: str) -> bool:
-        a = untrained["interval"] if task == "overall" else untrained["intervals"].get(task)
-        b = trained["interval"] if task == "overall" else trained["intervals"].get(task)
+        a, b = untrained["intervals"].get(task), trained["intervals"].get(task)
         return bool(a and b) and b[0] > a[1]
 
     tasks = [t for t in evaluation["tasks"] if is_num(trained.get(t)) and is_num(untrained.get(t))]
